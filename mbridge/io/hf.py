@@ -1,0 +1,207 @@
+"""HF checkpoints on disk: a lazy reader (per key, per slice) and an atomic sharded writer.
+
+The reader validates before anything is converted: config.json present and valid, index
+json naming only files inside the directory that exist, every file a readable safetensors.
+The writer streams tensors into ``model-0000k-of-0000n.safetensors`` shards plus
+``model.safetensors.index.json`` in a temporary sibling directory that is renamed into place
+only when complete, so a failed run never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+              "chat_template.jinja", "added_tokens.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, malformed or does not match the model."""
+
+
+class HFCheckpoint:
+    """Read-only view of an HF checkpoint directory; tensors are read lazily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path} is not a directory")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{self.path} has no config.json")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg} is not valid JSON: {e}") from None
+        self._files = self._weight_map()
+        self._handles: dict[str, Any] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for name in sorted(set(self._files.values())):
+            handle = self._open(name)
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                self._meta[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        missing = [k for k, f in self._files.items() if k not in self._meta]
+        if missing:
+            raise CheckpointError(f"index names tensors its shards do not hold: {missing[:5]}")
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+            root = self.path.resolve()
+            for name in set(weight_map.values()):
+                target = (self.path / name).resolve()
+                if root not in target.parents:
+                    raise CheckpointError(f"{index} names {name!r}, a path outside {self.path}")
+                if not target.is_file():
+                    raise CheckpointError(f"{index} names shard {name!r}, which does not exist")
+            return dict(weight_map)
+        if (self.path / SINGLE).is_file():
+            with self._open_file(SINGLE) as f:
+                return {k: SINGLE for k in f.keys()}
+        raise CheckpointError(f"{self.path} has neither {INDEX} nor {SINGLE}")
+
+    def _open_file(self, name: str):
+        try:
+            return safe_open(self.path / name, framework="pt")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {self.path / name}: {e}") from None
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = self._open_file(name).__enter__()
+        return self._handles[name]
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(sorted(self._meta))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta_of(key)[0]
+
+    def _meta_of(self, key: str):
+        if key not in self._meta:
+            raise CheckpointError(f"tensor {key!r} is missing from {self.path}")
+        return self._meta[key]
+
+    def read(self, key: str) -> torch.Tensor:
+        self._meta_of(key)
+        return self._read(key, None)
+
+    def read_slices(self, key: str, dim: int, ranges, pad: int = 0) -> torch.Tensor:
+        """Rows ``ranges`` (half-open, along ``dim``) of ``key``, concatenated, plus ``pad``
+        zero rows: reads only those bytes from disk."""
+        shape = self._meta_of(key)[0]
+        pieces = [self._read(key, (dim, lo, hi)) for lo, hi in ranges]
+        if pad:
+            pad_shape = list(shape)
+            pad_shape[dim] = pad
+            pieces.append(torch.zeros(pad_shape, dtype=pieces[0].dtype))
+        return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+    def _read(self, key: str, window) -> torch.Tensor:
+        sl = self._open(self._files[key]).get_slice(key)
+        try:
+            if window is None:
+                return sl[:]
+            dim, lo, hi = window
+            return sl[(slice(None),) * dim + (slice(lo, hi),)]
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {self._files[key]}: {e}") from None
+
+
+def _size_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class HFWriter:
+    """Collects tensors into safetensors shards of at most ``shard_bytes`` each inside
+    ``directory``; ``finish()`` names the shards and writes the index."""
+
+    def __init__(self, directory: Path, shard_bytes: int = 5 * 2**30):
+        self.dir = Path(directory)
+        self.shard_bytes = shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = _size_bytes(tensor)
+        if self._pending and self._pending_bytes + size > self.shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        tmp = f"shard-{len(self._written):05d}.tmp"
+        save_file(self._pending, str(self.dir / tmp), metadata={"format": "pt"})
+        self._written.append((tmp, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self._flush()
+        n = len(self._written)
+        if n == 1:
+            os.replace(self.dir / self._written[0][0], self.dir / SINGLE)
+            return
+        weight_map = {}
+        for k, (tmp, keys) in enumerate(self._written):
+            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / tmp, self.dir / final)
+            weight_map.update({key: final for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; on success it is renamed to ``final``,
+    on any error it is removed. An existing ``final`` is replaced only if ``overwrite``."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
+    """Copy tokenizer and generation files, when the source has them."""
+    if src is None:
+        return
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)

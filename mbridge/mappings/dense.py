@@ -1,0 +1,140 @@
+"""The Llama-style decoder shared by Llama, Mistral, Qwen2 and Qwen3: config translation
+pair and mapping. Per-architecture files only state what differs.
+
+HF names follow ``transformers/models/llama/modeling_llama.py``; mcore names follow the
+local layer spec of ``megatron/core/models/gpt/gpt_layer_specs.py``; ``core.te_key`` gives
+the Transformer Engine spec's names).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from mbridge.mappings.core import Mapping, at, chain, fuse, rename
+from mbridge.mappings.ops import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
+from mbridge.sharding.layout import COLUMN, GATED_COLUMN, REPLICATED, ROW, vocab_layout
+from mbridge.specs import ModelSpec, RopeSpec
+
+HF_LAYER = "model.layers.{i}."
+MC_LAYER = "decoder.layers.{i}."
+
+
+def rope_from_hf(cfg: dict[str, Any]) -> RopeSpec:
+    """Read rope settings from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (older files)."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise NotImplementedError(f"rope_type={kind!r} is not supported yet "
+                                  "(supported: default, linear, llama3)")
+    keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return RopeSpec(theta=float(theta), kind=kind,
+                    **{k: type(getattr(RopeSpec(), k))(params[k]) for k in keep if k in params})
+
+
+def rope_to_hf(rope: RopeSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_type": rope.kind, "rope_theta": rope.theta}
+    if rope.kind == "linear":
+        out["factor"] = rope.factor
+    if rope.kind == "llama3":
+        out.update(factor=rope.factor, low_freq_factor=rope.low_freq_factor,
+                   high_freq_factor=rope.high_freq_factor,
+                   original_max_position_embeddings=rope.original_max_position_embeddings)
+    return out
+
+
+def spec_from_hf(cfg: dict[str, Any], **overrides) -> ModelSpec:
+    """HF ``config.json`` dict -> ModelSpec for a Llama-style model."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"hidden_act={cfg['hidden_act']!r} is not supported (silu only)")
+    if cfg.get("mlp_bias"):
+        raise NotImplementedError("mlp_bias=True is not supported")
+    heads = cfg["num_attention_heads"]
+    fields = dict(
+        architecture=cfg["architectures"][0],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope=rope_from_hf(cfg),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+def spec_to_hf(spec: ModelSpec, model_type: str, **extra) -> dict[str, Any]:
+    """ModelSpec -> HF ``config.json`` dict (the keys a Llama-style config needs)."""
+    return dict(
+        architectures=[spec.architecture],
+        model_type=model_type,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.ffn_hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        hidden_act=spec.activation,
+        rms_norm_eps=spec.norm_eps,
+        rope_parameters=rope_to_hf(spec.rope),
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_embeddings,
+        **extra,
+    )
+
+
+def attention(spec: ModelSpec) -> Mapping:
+    """Template for layer ``{i}``'s attention: q/k/v fused, o, input norm, optional
+    qkv bias (Qwen2) and q/k norms (Qwen3, ``[head_dim]``, replicated)."""
+    a = "self_attn."
+    qkv = partial(fuse, fuse_fn=partial(fuse_qkv, head_dim=spec.head_dim),
+                  split_fn=partial(split_qkv, heads_per_group=spec.heads_per_group,
+                                   head_dim=spec.head_dim),
+                  hf_layout=COLUMN, mcore_layout=COLUMN)
+    parts = [
+        rename(HF_LAYER + "input_layernorm.weight", MC_LAYER + "input_layernorm.weight"),
+        qkv(tuple(HF_LAYER + a + f"{p}_proj.weight" for p in "qkv"),
+            MC_LAYER + "self_attention.linear_qkv.weight"),
+        rename(HF_LAYER + a + "o_proj.weight", MC_LAYER + "self_attention.linear_proj.weight", ROW),
+    ]
+    if spec.qkv_bias:
+        parts.append(qkv(tuple(HF_LAYER + a + f"{p}_proj.bias" for p in "qkv"),
+                         MC_LAYER + "self_attention.linear_qkv.bias"))
+    if spec.qk_norm:
+        parts += [rename(HF_LAYER + a + f"{p}_norm.weight",
+                         MC_LAYER + f"self_attention.{p}_layernorm.weight") for p in "qk"]
+    return chain(*parts)
+
+
+def mlp() -> Mapping:
+    """Template for layer ``{i}``'s gated MLP: gate/up fused into ``linear_fc1``."""
+    m = HF_LAYER + "mlp."
+    return chain(
+        rename(HF_LAYER + "post_attention_layernorm.weight", MC_LAYER + "pre_mlp_layernorm.weight"),
+        fuse((m + "gate_proj.weight", m + "up_proj.weight"), MC_LAYER + "mlp.linear_fc1.weight",
+             fuse_fn=fuse_gate_up, split_fn=split_gate_up, hf_layout=COLUMN,
+             mcore_layout=GATED_COLUMN),
+        rename(m + "down_proj.weight", MC_LAYER + "mlp.linear_fc2.weight", ROW),
+    )
+
+
+def mapping(spec: ModelSpec, multiple: int = 128) -> tuple[Mapping, ...]:
+    """The whole model as groups in a fixed global order: embedding, one group per layer,
+    then final norm and (untied) output layer. Import and export stream group by group."""
+    vocab = vocab_layout(spec.vocab_size, multiple)
+    layer = chain(attention(spec), mlp())
+    groups = [rename("model.embed_tokens.weight", "embedding.word_embeddings.weight", vocab)]
+    groups += [at(layer, i=i) for i in range(spec.num_layers)]
+    tail = [rename("model.norm.weight", "decoder.final_layernorm.weight", REPLICATED)]
+    if not spec.tie_embeddings:
+        tail.append(rename("lm_head.weight", "output_layer.weight", vocab))
+    groups.append(chain(*tail))
+    return tuple(groups)

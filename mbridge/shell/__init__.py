@@ -1,0 +1,1 @@
+"""The imperative shell: processes, devices, collectives and megatron.core live only here."""

@@ -1,0 +1,69 @@
+"""Let Megatron-Core 0.16 run on a machine without CUDA.
+
+Applied by ``apply()`` only when ``torch.cuda.is_available()`` is False; with CUDA present it
+does nothing. It bridges exactly these CUDA-only calls:
+
+1. ``torch.cuda.current_device()`` -> ``"cpu"``: Megatron passes it as ``device=`` when it
+   allocates (rotary frequencies, softmax offsets, buffers).
+2. ``torch.cuda.synchronize()`` -> no-op.
+3. The RNG tracker (``megatron/core/tensor_parallel/random.py``) stores and swaps CUDA
+   generator states; here its get/set helpers use the CPU generator, so ``fork()`` and
+   ``model_parallel_cuda_manual_seed`` work and stay reproducible.
+4. The default causal and sliding-window masks (``megatron/core/transformer/utils.py``) are
+   built on ``"cuda"``; here they are built on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_applied = False
+
+
+def _causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+def _sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    upper = torch.triu(m, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
+
+
+def apply() -> bool:
+    """Install the shim if CUDA is absent. Returns whether it is installed."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import utils as mutils
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _patch_tracker_add(mrandom)
+    for module in (fused_softmax, mutils):
+        module.get_default_causal_mask = _causal_mask
+        module.get_sliding_window_causal_mask = _sliding_window_mask
+    _applied = True
+    return True
+
+
+def _patch_tracker_add(mrandom) -> None:
+    """``CudaRNGStatesTracker.add`` seeds the CUDA generator to create a named state; on the
+    CPU create that state from a fresh generator instead, leaving the global one untouched."""
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    mrandom.CudaRNGStatesTracker.add = add
