@@ -1,0 +1,5 @@
+import sys
+
+from mbridge.cli import main
+
+sys.exit(main())
