@@ -1,0 +1,44 @@
+"""Run a Python script under ``torchrun --nproc-per-node N`` (gloo on CPU) from a test.
+
+The script prints one JSON line per rank prefixed ``RESULT `` and the helper returns them,
+so a single launch checks many things and the test asserts on what every rank saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -> list[dict]:
+    """Launch ``script`` on ``nproc`` ranks; return the parsed ``RESULT`` lines, rank order.
+    Fails the calling test with the full output if any rank fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{out[-6000:]}")
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    return sorted(results, key=lambda r: r.get("rank", 0))
+
+
+def report(**fields) -> None:
+    """Called inside a launched script: print one RESULT line for this rank."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    print("RESULT " + json.dumps({"rank": rank, **fields}), flush=True)
