@@ -1,0 +1,67 @@
+"""Forward a batch through this rank's model chunks, pipeline stages included, and return the
+full-vocabulary logits on every rank (for parity checks, ``verify --logits`` and inference
+smoke tests; training uses Megatron-Core's schedules instead).
+
+Chunks run in Megatron-Core's virtual-pipeline order: chunk 0 of every stage, then chunk 1,
+...; activations ``[seq, batch, hidden]`` pass between stages with point-to-point sends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mbridge.specs import ParallelSpec
+
+
+def _order(parallel: ParallelSpec):
+    return [(stage, chunk) for chunk in range(parallel.vpp_size) for stage in range(parallel.pp)]
+
+
+@torch.no_grad()
+def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_size: int,
+           hidden_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[batch, seq, vocab_size]`` logits of ``input_ids`` ``[batch, seq]``, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    chunks = [getattr(c, "module", c) for c in chunks]
+    device = next(chunks[0].parameters()).device
+    ids = input_ids.to(device)
+    pos = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
+    pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
+    hidden_shape = (ids.shape[1], ids.shape[0], hidden_size)
+    order = _order(parallel)
+    out = None
+    for step, (stage, chunk) in enumerate(order):
+        if stage != pp_rank:
+            continue
+        model = chunks[chunk]
+        if step > 0:
+            hidden = torch.empty(hidden_shape, dtype=dtype, device=device)
+            dist.recv(hidden, src=dist.get_global_rank(pp_group, order[step - 1][0]),
+                      group=pp_group)
+            model.set_input_tensor(hidden)
+        out = model(ids, pos, attention_mask=None)
+        if step + 1 < len(order):
+            dist.send(out.contiguous(), dst=dist.get_global_rank(pp_group, order[step + 1][0]),
+                      group=pp_group)
+    last_stage = order[-1][0]
+    if pp_rank == last_stage:
+        out = _gather_vocab(out, parallel.tp, ps.get_tensor_model_parallel_group())
+        out = out[..., :vocab_size].float().contiguous()
+    else:
+        out = None
+    if parallel.pp > 1:
+        shape = (ids.shape[0], ids.shape[1], vocab_size)
+        out = out if out is not None else torch.empty(shape, device=device)
+        dist.broadcast(out, src=dist.get_global_rank(pp_group, last_stage), group=pp_group)
+    return out
+
+
+def _gather_vocab(local: torch.Tensor, tp: int, group) -> torch.Tensor:
+    if tp == 1:
+        return local
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=-1)
