@@ -55,6 +55,7 @@ def transformer_config_kwargs(spec: ModelSpec, parallel: ParallelSpec,
         expert_tensor_parallel_size=parallel.etp,
         context_parallel_size=parallel.cp,
         params_dtype=dtype,
+        pipeline_dtype=dtype,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
     )

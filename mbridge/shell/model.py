@@ -30,6 +30,7 @@ def transformer_config(spec: ModelSpec, parallel: ParallelSpec, dtype: str = "fl
     kwargs = mconfig.transformer_config_kwargs(spec, parallel, dtype)
     kwargs["activation_func"] = _ACTIVATIONS[kwargs["activation_func"]]
     kwargs["params_dtype"] = _DTYPES[kwargs["params_dtype"]]
+    kwargs["pipeline_dtype"] = _DTYPES[kwargs["pipeline_dtype"]]
     cpu = not torch.cuda.is_available()
     kwargs.update(use_cpu_initialization=cpu, masked_softmax_fusion=not cpu,
                   bias_activation_fusion=False, gradient_accumulation_fusion=False,
