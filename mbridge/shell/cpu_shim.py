@@ -11,6 +11,8 @@ does nothing. It bridges exactly these CUDA-only calls:
    ``model_parallel_cuda_manual_seed`` work and stay reproducible.
 4. The default causal and sliding-window masks (``megatron/core/transformer/utils.py``) are
    built on ``"cuda"``; here they are built on the CPU.
+5. ``Tensor.cuda()`` -> the tensor itself: Megatron moves tensors with it before collectives
+   (e.g. the tied-embedding all-reduce in ``LanguageModule.setup_embeddings_and_output_layer``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def apply() -> bool:
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _patch_tracker_add(mrandom)
