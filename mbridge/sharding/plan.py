@@ -29,6 +29,10 @@ def stage_layer_counts(num_layers: int, parallel: ParallelSpec) -> tuple[int, ..
             f" (first_stage_layers={first}, last_stage_layers={last}); the layers left after"
             " the first/last stage must divide evenly over the remaining stages"
         )
+    if parallel.vpp and middle_stages == 0:
+        raise ValueError("with virtual pipelining Megatron-Core needs at least one stage besides"
+                         " the first and last when both first_stage_layers and last_stage_layers"
+                         " are set; drop one of them or raise pipeline parallel size")
     share = rest // middle_stages if middle_stages else 0
     counts = [share] * pp
     if first is not None:
