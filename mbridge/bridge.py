@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,7 +77,8 @@ class AutoBridge:
         convert.load_hf(model, self.checkpoint, self.mapping(parallel), self.spec, parallel,
                         dist.rank_spec())
 
-    def export_hf_weights(self, model: list, cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def export_hf_weights(self, model: list,
+                          cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(hf name, tensor)`` for the whole model on every rank (for weight sync)."""
         from mbridge.shell import convert, dist
 
@@ -171,7 +171,8 @@ class GPTModelProvider:
         check_model_fits(self.spec, parallel)
         stage_layer_counts(self.spec.num_layers, parallel)
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"params_dtype={self.params_dtype!r}; use float32, bfloat16 or float16")
+            raise ValueError(
+                f"params_dtype={self.params_dtype!r}; use float32, bfloat16 or float16")
         mconfig.transformer_config_kwargs(self.spec, parallel, self.params_dtype)
         self._parallel = parallel
         return self
@@ -179,7 +180,8 @@ class GPTModelProvider:
     def provide_distributed_model(self, wrap_with_ddp: bool = False, ddp_config=None,
                                   use_te: bool | None = None, load_weights: bool = True) -> list:
         """Start (or join) the process groups, build this rank's chunks, load the HF weights."""
-        from mbridge.shell import dist, model as mmodel
+        from mbridge.shell import dist
+        from mbridge.shell import model as mmodel
 
         if self._parallel != self.parallel_spec():
             self.finalize()

@@ -23,8 +23,8 @@ def free_port() -> int:
 def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -> list[dict]:
     """Launch ``script`` on ``nproc`` ranks; return the parsed ``RESULT`` lines, rank order.
     Fails the calling test with the full output if any rank fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -31,7 +31,8 @@ def test_placement_matches_megatron(case):
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     layers, par = case
-    if par.vpp and par.pp == (par.first_stage_layers is not None) + (par.last_stage_layers is not None):
+    fixed = (par.first_stage_layers is not None) + (par.last_stage_layers is not None)
+    if par.vpp and par.pp == fixed:
         with pytest.raises(ValueError, match="at least one stage besides"):
             layer_placement(layers, par)
         return

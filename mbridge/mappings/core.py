@@ -12,7 +12,8 @@ which lets each rank read only its own slices of the HF tensors and convert them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping as AbcMapping
+from collections.abc import Callable, Iterable
+from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
 
 import torch
@@ -126,8 +127,9 @@ _TE_SUFFIXES = {
 
 
 def te_key(key: str) -> str:
-    """The Transformer Engine spec's name for a local-spec mcore key.
-    ``"decoder.layers.0.input_layernorm.weight" -> "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"``"""
+    """The Transformer Engine spec's name for a local-spec mcore key:
+    ``"decoder.layers.0.input_layernorm.weight"`` ->
+    ``"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"``."""
     for local, te in _TE_SUFFIXES.items():
         if key.endswith("." + local):
             return key[: -len(local)] + te

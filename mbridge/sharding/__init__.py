@@ -6,9 +6,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mbridge.sharding.layout import (COLUMN, GATED_COLUMN, REPLICATED, ROW, Layout,
-                                     padded_vocab_size, shard, shard_ranges, unshard,
-                                     vocab_layout)
+from mbridge.sharding.layout import (
+    COLUMN,
+    GATED_COLUMN,
+    REPLICATED,
+    ROW,
+    Layout,
+    padded_vocab_size,
+    shard,
+    shard_ranges,
+    unshard,
+    vocab_layout,
+)
 from mbridge.sharding.plan import key_placement, layer_placement, stage_layer_counts
 
 Tree = dict[str, torch.Tensor]
