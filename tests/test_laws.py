@@ -102,3 +102,14 @@ def test_vocab_padding_round_trip(vocab, tp, multiple):
     assert sum(s.shape[0] for s in shards) % (multiple * tp) == 0
     assert torch.equal(unshard(shards, layout), t)
     assert torch.cat(shards)[vocab:].abs().sum() == 0  # padding rows are zero
+
+
+def test_te_names_invert():
+    from mbridge.mappings.core import local_key, te_key
+
+    for key in ("decoder.layers.3.input_layernorm.weight",
+                "decoder.layers.0.pre_mlp_layernorm.weight",
+                "decoder.layers.1.self_attention.linear_qkv.weight"):
+        assert local_key(te_key(key)) == key
+    assert te_key("decoder.layers.3.input_layernorm.weight") == \
+        "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
