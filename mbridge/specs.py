@@ -30,11 +30,74 @@ class RopeSpec(Spec, frozen=True, kw_only=True):
     """Rotary embedding. ``kind`` follows HF ``rope_type``: default, linear, llama3."""
 
     theta: float = 10000.0
-    kind: Literal["default", "linear", "llama3"] = "default"
+    kind: Literal["default", "linear", "llama3", "yarn"] = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn (transformers' ``_compute_yarn_parameters``): ramp bounds, whether they are
+    # rounded, and what scales cos/sin (``attention_factor`` or ``mscale``/``mscale_all_dim``)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+
+class MoESpec(Spec, frozen=True, kw_only=True):
+    """Mixture-of-experts MLP: ``num_experts`` routed experts, each a gated MLP of width
+    ``ffn_hidden_size`` (gate/up ``[ffn, hidden]``, down ``[hidden, ffn]``), ``topk`` per token,
+    plus an optional shared expert of width ``shared_ffn_hidden_size`` (with a sigmoid gate
+    ``[1, hidden]`` when ``shared_gate``). Layers in ``dense_layers`` keep the dense MLP of
+    ``ModelSpec.ffn_hidden_size``.
+
+    Routing follows Megatron-Core's router: ``score`` softmax or sigmoid; ``pre_softmax``
+    takes the softmax over all experts before top-k (no renormalisation); ``expert_bias``
+    adds a score-correction bias when choosing experts (DeepSeek-V3); ``num_groups`` and
+    ``group_topk`` restrict the choice to the best groups; ``scaling_factor`` scales the
+    weights; ``router_fp32`` computes router logits in float32.
+    """
+
+    num_experts: int
+    topk: int
+    ffn_hidden_size: int
+    shared_ffn_hidden_size: int | None = None
+    shared_gate: bool = False
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    pre_softmax: bool = False
+    expert_bias: bool = False
+    num_groups: int | None = None
+    group_topk: int | None = None
+    scaling_factor: float | None = None
+    dense_layers: tuple[int, ...] = ()
+    router_fp32: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.topk <= self.num_experts:
+            raise ValueError(f"topk={self.topk} must be between 1 and num_experts="
+                             f"{self.num_experts}")
+        if self.ffn_hidden_size <= 0:
+            raise ValueError(f"moe ffn_hidden_size={self.ffn_hidden_size} must be positive")
+        if self.num_groups is not None and self.num_experts % self.num_groups:
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by "
+                             f"num_groups={self.num_groups}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+
+class MLASpec(Spec, frozen=True, kw_only=True):
+    """Multi-latent attention (DeepSeek-V2/V3): queries through a rank-``q_lora_rank``
+    bottleneck (``None``: a plain projection), keys and values through a shared
+    rank-``kv_lora_rank`` latent plus one rotary key of ``qk_rope_head_dim`` for all heads.
+    Per head, q and k have ``qk_head_dim + qk_rope_head_dim`` dims and v ``v_head_dim``."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 class ModelSpec(Spec, frozen=True, kw_only=True):
@@ -60,7 +123,18 @@ class ModelSpec(Spec, frozen=True, kw_only=True):
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
-    activation: Literal["silu"] = "silu"
+    activation: Literal["silu", "quick_gelu"] = "silu"
+    # GPT-OSS and friends: a bias on every linear layer (Megatron-Core ``add_bias_linear``),
+    # a learnable per-head sink logit in the attention softmax, the sliding window on the
+    # layers marked True only (None: all layers), and the GLU ``act(gate) * (up + offset)``
+    # with gate and up clamped to ``activation_clamp``.
+    linear_bias: bool = False
+    attention_sinks: bool = False
+    window_layers: tuple[bool, ...] | None = None
+    glu_linear_offset: float = 0.0
+    activation_clamp: float | None = None
+    moe: MoESpec | None = None
+    mla: MLASpec | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_heads",
@@ -123,8 +197,35 @@ def check_model_fits(model: ModelSpec, parallel: ParallelSpec) -> None:
             f"num_query_groups={model.num_kv_heads} is not divisible by tensor parallel size "
             f"{parallel.tp}; pick a tensor parallel size that divides {model.num_kv_heads}"
         )
+    if model.moe is not None:
+        check_moe_fits(model.moe, parallel)
+    if model.mla is not None:
+        check_mla_fits(model.mla, parallel)
     if model.ffn_hidden_size % parallel.tp:
         raise ValueError(
             f"ffn_hidden_size={model.ffn_hidden_size} is not divisible by tensor parallel "
             f"size {parallel.tp}"
         )
+
+
+def check_moe_fits(moe: MoESpec, parallel: ParallelSpec) -> None:
+    """Raise a ValueError naming what to change if ``parallel`` cannot host the experts."""
+    if moe.num_experts % parallel.ep:
+        raise ValueError(f"num_experts={moe.num_experts} is not divisible by expert parallel "
+                         f"size {parallel.ep}")
+    if moe.ffn_hidden_size % parallel.etp:
+        raise ValueError(f"moe ffn_hidden_size={moe.ffn_hidden_size} is not divisible by expert "
+                         f"tensor parallel size {parallel.etp}")
+    if moe.shared_ffn_hidden_size and moe.shared_ffn_hidden_size % parallel.tp:
+        raise ValueError(f"shared expert ffn_hidden_size={moe.shared_ffn_hidden_size} is not "
+                         f"divisible by tensor parallel size {parallel.tp}")
+
+
+def check_mla_fits(mla: MLASpec, parallel: ParallelSpec) -> None:
+    """Megatron-Core's local layer spec splits the MLA down-projections over TP ranks."""
+    kv_down = mla.kv_lora_rank + mla.qk_rope_head_dim
+    sizes = (("q_lora_rank", mla.q_lora_rank), ("kv_lora_rank + qk_rope_head_dim", kv_down))
+    for name, size in sizes:
+        if size is not None and size % parallel.tp:
+            raise ValueError(f"{name}={size} is not divisible by tensor parallel size "
+                             f"{parallel.tp}")
