@@ -24,6 +24,7 @@ class Layout(Spec, frozen=True, kw_only=True):
     parts: int = 1
     vocab_size: int | None = None  # set for vocab-padded tensors: the unpadded size on `dim`
     multiple: int = 128
+    expert: bool = False  # an expert's tensor: splits over expert tensor parallel ranks
 
 
 REPLICATED = Layout()
