@@ -29,6 +29,11 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "chat_template.jinja", "added_tokens.json")
 
 
+_ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,
+                  "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1,
+                  "F8_E5M2": 1}
+
+
 class CheckpointError(ValueError):
     """A checkpoint on disk is missing, malformed or does not match the model."""
 
@@ -100,6 +105,18 @@ class HFCheckpoint:
         if key not in self._meta:
             raise CheckpointError(f"tensor {key!r} is missing from {self.path}")
         return self._meta[key]
+
+    def nbytes(self, key: str) -> int:
+        """Size of tensor ``key`` in bytes, from the file header."""
+        shape, dtype = self._meta_of(key)
+        return torch.Size(shape).numel() * _ELEMENT_BYTES[dtype]
+
+    def close(self) -> None:
+        """Drop the open files and their memory maps (reopened on the next read), so pages
+        already read stop counting against this process once their tensors are freed."""
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
 
     def read(self, key: str) -> torch.Tensor:
         self._meta_of(key)
