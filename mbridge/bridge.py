@@ -150,6 +150,7 @@ class GPTModelProvider:
     num_layers_in_last_pipeline_stage: int | None = None
     make_vocab_size_divisible_by: int = 128
     params_dtype: str = "float32"
+    attention_backend: str = "sdpa"  # without TE: "sdpa" (fused) or "megatron" (unfused local)
     seed: int = 1234
     extra_config: dict[str, Any] = field(default_factory=dict)
     _parallel: ParallelSpec | None = field(default=None, repr=False)
@@ -189,7 +190,8 @@ class GPTModelProvider:
         rank = dist.init(parallel, seed=self.seed)
         extra = dict(self.extra_config, sequence_parallel=self.sequence_parallel)
         chunks = mmodel.build_chunks(self.spec, parallel, rank.pp, dtype=self.params_dtype,
-                                     use_te=use_te, device=dist.device(), **extra)
+                                     use_te=use_te, attention=self.attention_backend,
+                                     device=dist.device(), **extra)
         for chunk in chunks:
             chunk.mbridge_parallel = parallel  # read back by export
         if self.bridge is not None and load_weights:

@@ -3,9 +3,10 @@ fp32 logits within 1e-5 max abs of the HF model (float32 accumulation-order nois
 1e-6 at these sizes), exported tensors identical to the input, and the export loadable by
 ``AutoModelForCausalLM.from_pretrained`` with identical logits.
 
-TP=1 runs in this process (``provide_distributed_model`` starts a one-rank group); TP=2,
-PP=2, PP=2 with VPP=2, an uneven PP split and DP=2 run in one ``torchrun`` launch of two
-real processes over gloo.
+Both attention backends without TE are covered: mbridge's SDPA core attention (the default)
+and Megatron-Core's unfused DotProductAttention. TP=1 runs in this process
+(``provide_distributed_model`` starts a one-rank group); TP=2, PP=2, PP=2 with VPP=2, an
+uneven PP split and DP=2 run in one ``torchrun`` launch of two real processes over gloo.
 """
 
 from pathlib import Path
@@ -30,13 +31,20 @@ def tensors(directory: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_tp1_in_process(name, dense_models, tmp_path):
+CASES = [(name, "sdpa") for name in sorted(CONFIGS)] + [("mistral", "megatron"),
+                                                         ("qwen3", "megatron")]
+
+
+@pytest.mark.parametrize("name,attention", CASES)
+def test_tp1_in_process(name, attention, dense_models, tmp_path):
     model_dir = dense_models[name]
     bridge = AutoBridge.from_hf_pretrained(model_dir)
     provider = bridge.to_megatron_provider()
+    provider.attention_backend = attention
     provider.finalize()
     model = provider.provide_distributed_model(wrap_with_ddp=False)
+    core = type(model[0].decoder.layers[0].self_attention.core_attention).__name__
+    assert core == {"sdpa": "SDPAttention", "megatron": "DotProductAttention"}[attention]
     ids = sample_ids(bridge.spec.vocab_size, seq=12)
     ref = hf_logits(model_dir, ids)
     got = forward.logits(model, ids, provider.parallel_spec(), bridge.spec.vocab_size,
@@ -53,7 +61,8 @@ def test_tp1_in_process(name, dense_models, tmp_path):
     assert streamed.keys() == src.keys() and all(torch.equal(streamed[k], src[k]) for k in src)
 
 
-def test_sliding_window_is_honoured_past_the_window(dense_models):
+@pytest.mark.parametrize("attention", ["sdpa", "megatron"])
+def test_sliding_window_is_honoured_past_the_window(dense_models, attention):
     """The mistral fixture has window 5 and the test sequence is 12 long: without the
     window the logits would differ, so parity above depends on it."""
     model_dir = dense_models["mistral"]
@@ -61,6 +70,7 @@ def test_sliding_window_is_honoured_past_the_window(dense_models):
     ids = sample_ids(bridge.spec.vocab_size, seq=12)
     provider = bridge.to_megatron_provider()
     provider.extra_config = {"window_size": None}
+    provider.attention_backend = attention
     model = provider.finalize().provide_distributed_model()
     got = forward.logits(model, ids, provider.parallel_spec(), bridge.spec.vocab_size,
                          bridge.spec.hidden_size)

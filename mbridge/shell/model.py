@@ -39,22 +39,31 @@ def transformer_config(spec: ModelSpec, parallel: ParallelSpec, dtype: str = "fl
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(spec: ModelSpec, use_te: bool | None = None):
+def layer_spec(spec: ModelSpec, use_te: bool | None = None, attention: str = "sdpa"):
+    """TE's spec when TE is usable; otherwise the local spec with ``attention="sdpa"``
+    (mbridge's fused attention, shell/fast_layers.py) or ``"megatron"`` (Megatron-Core's
+    unfused DotProductAttention)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if use_te if use_te is not None else have_te():
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    if attention == "sdpa":
+        from mbridge.shell.fast_layers import fast_local_spec
+
+        return fast_local_spec(spec.qk_norm)
+    if attention != "megatron":
+        raise ValueError(f"attention={attention!r}; use 'sdpa' or 'megatron'")
     return specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
 
 
 def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
-                 dtype: str = "float32", use_te: bool | None = None,
+                 dtype: str = "float32", use_te: bool | None = None, attention: str = "sdpa",
                  device: torch.device | str | None = None, **config_extra) -> list:
     """This pipeline rank's model chunks (one per virtual stage), on ``device``."""
     from megatron.core.models.gpt import GPTModel
 
     cfg = transformer_config(spec, parallel, dtype, **config_extra)
-    lspec = layer_spec(spec, use_te)
+    lspec = layer_spec(spec, use_te, attention)
     chunks = []
     for vp in range(parallel.vpp_size):
         first = pp_rank == 0 and vp == 0

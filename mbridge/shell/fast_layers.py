@@ -1,0 +1,65 @@
+"""A fast local layer spec for Megatron-Core when Transformer Engine is absent.
+
+Megatron-Core's local ``DotProductAttention`` materialises repeated K/V for GQA and the full
+``[b, heads, s, s]`` score matrix through ``baddbmm`` + softmax + ``bmm``. ``SDPAttention``
+keeps its constructor (scale, window, dropout, TP split) and replaces the forward with
+``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU,
+GQA through ``enable_gqa`` with no repeated K/V). Softmax variants SDPA cannot express
+(learnable or off-by-one offsets, i.e. attention sinks) fall back to the original forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class SDPAttention(DotProductAttention):
+    """Drop-in ``core_attention`` for the local spec: ``[sq, b, np, hn]`` q and
+    ``[sk, b, ng, hn]`` k/v in, ``[sq, b, np * hn]`` out."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if self.config.softmax_type != "vanilla" or packed_seq_params is not None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias, packed_seq_params)
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
+        sq, sk = q.shape[2], k.shape[2]
+        mask, causal = self._mask(attention_mask, sq, sk, q.device)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout and \
+                not self.config.sequence_parallel else _null():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(sq, out.shape[0], self.hidden_size_per_partition)
+
+    def _mask(self, attention_mask, sq: int, sk: int, device):
+        """(bool mask with True = attend, or None; is_causal) for SDPA."""
+        window = self.scale_mask_softmax.window_size
+        if window is not None:
+            qi = torch.arange(sq, device=device)[:, None] + (sk - sq)
+            ki = torch.arange(sk, device=device)[None, :]
+            return (ki <= qi + window[1]) & (ki >= qi - window[0]), False
+        if attention_mask is not None:
+            return ~attention_mask, False
+        return None, sq > 1
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fast_local_spec(qk_layernorm: bool):
+    """Megatron-Core's local GPT layer spec with ``SDPAttention`` as core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
