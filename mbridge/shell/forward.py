@@ -21,7 +21,8 @@ def _order(parallel: ParallelSpec):
 @torch.no_grad()
 def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_size: int,
            hidden_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[batch, seq, vocab_size]`` logits of ``input_ids`` ``[batch, seq]``, on every rank."""
+    """``[batch, seq, vocab_size]`` float32 logits of ``input_ids`` ``[batch, seq]``, on the CPU
+    of every rank."""
     from megatron.core import parallel_state as ps
 
     chunks = [getattr(c, "module", c) for c in chunks]
@@ -55,7 +56,7 @@ def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_
         shape = (ids.shape[0], ids.shape[1], vocab_size)
         out = out if out is not None else torch.empty(shape, device=device)
         dist.broadcast(out, src=dist.get_global_rank(pp_group, last_stage), group=pp_group)
-    return out
+    return out.cpu()
 
 
 def _gather_vocab(local: torch.Tensor, tp: int, group) -> torch.Tensor:
