@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,13 @@ class Architecture:
     from_hf_config: Callable[[dict[str, Any]], ModelSpec]
     to_hf_config: Callable[[ModelSpec], dict[str, Any]]
     mapping: Callable[..., tuple[Mapping, ...]]
+    # keyword options of ``mapping`` that read a checkpoint's own key layout (for example
+    # experts stacked in one tensor rather than one tensor each); None: no options
+    hf_options: Callable[[Iterable[str]], dict[str, Any]] | None = None
+
+    def options_for(self, hf_keys: Iterable[str]) -> dict[str, Any]:
+        """The mapping options matching a checkpoint with these keys."""
+        return self.hf_options(hf_keys) if self.hf_options else {}
 
 
 _REGISTRY: dict[str, Architecture] = {}
