@@ -13,11 +13,21 @@ does nothing. It bridges exactly these CUDA-only calls:
    built on ``"cuda"``; here they are built on the CPU.
 5. ``Tensor.cuda()`` -> the tensor itself: Megatron moves tensors with it before collectives
    (e.g. the tied-embedding all-reduce in ``LanguageModule.setup_embeddings_and_output_layer``).
+6. ``cuda_as_cpu()``, a context the training runtime enters (not installed by ``apply``):
+   Megatron-Core's optimizer, gradient clipping, grad scaler and pipeline schedules allocate
+   with a literal ``device="cuda"`` (``optimizer.py`` ``_dummy_overflow_buf``,
+   ``clip_grads.py``, ``schedules.py`` ``total_num_tokens``) and check
+   ``param.type() == "torch.cuda.FloatTensor"`` (``distrib_optimizer.py``,
+   ``clip_grads.py``). Inside it, such allocations land on the CPU and ``Tensor.type()``
+   names the CUDA type. Scoped, since a TorchFunctionMode adds a Python call to every torch op.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.overrides import TorchFunctionMode
 
 _applied = False
 
@@ -70,3 +80,32 @@ def _patch_tracker_add(mrandom) -> None:
         self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
     mrandom.CudaRNGStatesTracker.add = add
+
+
+def _cpu_device(device):
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return torch.device("cpu")
+    return device
+
+
+class _CudaAsCpu(TorchFunctionMode):
+    """``device="cuda"`` -> CPU; ``Tensor.type()`` -> ``"torch.cuda.FloatTensor"`` style."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def cuda_as_cpu():
+    """Context for Megatron-Core's CUDA-only training code on a machine without CUDA
+    (item 6 above); does nothing when CUDA is present."""
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return _CudaAsCpu()
