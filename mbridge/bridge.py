@@ -45,6 +45,7 @@ class AutoBridge:
         self.hf_config = hf_config
         self.architecture = registry.architecture_of(hf_config)
         self.spec: ModelSpec = self.architecture.from_hf_config(hf_config)
+        self.mcore_checkpoint: str | os.PathLike | None = None  # from_mcore_checkpoint sets it
 
     @classmethod
     def from_hf_pretrained(cls, path: str | os.PathLike, **_ignored) -> AutoBridge:
@@ -56,6 +57,14 @@ class AutoBridge:
     def from_hf_config(cls, hf_config: dict[str, Any]) -> AutoBridge:
         """A bridge with no weights (for random-init models or export only)."""
         return cls(None, dict(hf_config))
+
+    @classmethod
+    def from_mcore_checkpoint(cls, path: str | os.PathLike) -> AutoBridge:
+        """A bridge whose weights are a Megatron-Core distributed checkpoint carrying its HF
+        config (``mbridge convert import`` writes one): providers load it at any TP/PP/VPP."""
+        from mbridge import offline
+
+        return offline.bridge_from_mcore(cls, path)
 
     @staticmethod
     def list_supported_models() -> tuple[str, ...]:
@@ -71,6 +80,10 @@ class AutoBridge:
         """Copy this checkpoint's weights into live chunks (``parallel`` from the model)."""
         from mbridge.shell import convert, dist
 
+        if self.mcore_checkpoint is not None:
+            from mbridge.shell import dist_checkpoint
+
+            return dist_checkpoint.load(model, self.mcore_checkpoint)
         if self.checkpoint is None:
             raise ValueError("this bridge has no HF weights; use from_hf_pretrained")
         parallel = parallel or _parallel_of(model)
