@@ -26,12 +26,18 @@ def rope_from_hf(cfg: dict[str, Any]) -> RopeSpec:
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
+    if kind not in ("default", "linear", "llama3", "yarn"):
         raise NotImplementedError(f"rope_type={kind!r} is not supported yet "
-                                  "(supported: default, linear, llama3)")
-    keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return RopeSpec(theta=float(theta), kind=kind,
-                    **{k: type(getattr(RopeSpec(), k))(params[k]) for k in keep if k in params})
+                                  "(supported: default, linear, llama3, yarn)")
+    keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+            "beta_fast", "beta_slow", "truncate")
+    optional = {k: float(params[k]) for k in YARN_OPTIONAL if params.get(k) is not None}
+    return RopeSpec(theta=float(theta), kind=kind, **optional,
+                    **{k: type(getattr(RopeSpec(), k))(params[k]) for k in keep
+                       if params.get(k) is not None})
+
+
+YARN_OPTIONAL = ("attention_factor", "mscale", "mscale_all_dim")
 
 
 def rope_to_hf(rope: RopeSpec) -> dict[str, Any]:
@@ -42,6 +48,11 @@ def rope_to_hf(rope: RopeSpec) -> dict[str, Any]:
         out.update(factor=rope.factor, low_freq_factor=rope.low_freq_factor,
                    high_freq_factor=rope.high_freq_factor,
                    original_max_position_embeddings=rope.original_max_position_embeddings)
+    if rope.kind == "yarn":
+        out.update(factor=rope.factor, beta_fast=rope.beta_fast, beta_slow=rope.beta_slow,
+                   truncate=rope.truncate,
+                   original_max_position_embeddings=rope.original_max_position_embeddings,
+                   **{k: getattr(rope, k) for k in YARN_OPTIONAL if getattr(rope, k) is not None})
     return out
 
 
