@@ -43,9 +43,10 @@ def test_transformer_config_kwargs_carry_the_architecture():
 
 
 def test_unsupported_settings_are_named():
-    with pytest.raises(NotImplementedError, match="rope_type='yarn'"):
+    with pytest.raises(NotImplementedError, match="rope_type='longrope'"):
         mconfig.from_hf_config(hf_config("llama", rope_parameters=dict(
-            rope_type="yarn", rope_theta=1e4, factor=2.0)).to_dict())
+            rope_type="longrope", rope_theta=1e4, factor=2.0, short_factor=[1.0] * 8,
+            long_factor=[1.0] * 8, original_max_position_embeddings=64)).to_dict())
     with pytest.raises(NotImplementedError, match="attention_bias"):
         mconfig.from_hf_config(hf_config("llama", attention_bias=True).to_dict())
     with pytest.raises(ValueError, match="not divisible by tensor parallel size 4"):
