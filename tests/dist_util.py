@@ -41,4 +41,7 @@ def report(**fields) -> None:
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    print("RESULT " + json.dumps({"rank": rank, **fields}), flush=True)
+    # One write call per line: with unbuffered stdout, print() writes text and newline
+    # separately, and two ranks sharing the pipe can interleave between them.
+    sys.stdout.write("RESULT " + json.dumps({"rank": rank, **fields}) + "\n")
+    sys.stdout.flush()
