@@ -70,8 +70,12 @@ class AutoBridge:
     def list_supported_models() -> tuple[str, ...]:
         return registry.supported()
 
-    def mapping(self, parallel: ParallelSpec):
-        return self.architecture.mapping(self.spec, parallel.vocab_multiple)
+    def mapping(self, parallel: ParallelSpec, hf_keys=None):
+        """The mapping groups. ``hf_keys``, a checkpoint's keys, picks the options that read
+        that checkpoint's layout (e.g. stacked experts); without, the layout
+        ``save_pretrained`` writes."""
+        options = self.architecture.options_for(hf_keys) if hf_keys is not None else {}
+        return self.architecture.mapping(self.spec, parallel.vocab_multiple, **options)
 
     def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
         return GPTModelProvider(spec=self.spec, bridge=self if load_weights else None)
@@ -87,8 +91,8 @@ class AutoBridge:
         if self.checkpoint is None:
             raise ValueError("this bridge has no HF weights; use from_hf_pretrained")
         parallel = parallel or _parallel_of(model)
-        convert.load_hf(model, self.checkpoint, self.mapping(parallel), self.spec, parallel,
-                        dist.rank_spec())
+        convert.load_hf(model, self.checkpoint, self.mapping(parallel, self.checkpoint.keys()),
+                        self.spec, parallel, dist.rank_spec())
 
     def export_hf_weights(self, model: list,
                           cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -98,8 +102,10 @@ class AutoBridge:
         model = model if isinstance(model, list) else [model]
         parallel = _parallel_of(model)
         tp_group, pp_group, _ = dist.groups()
+        ep_group, etp_group = dist.expert_groups()
         for name, tensor in convert.iter_hf(_unwrap(model), self.mapping(parallel), self.spec,
-                                            parallel, dist.rank_spec(), tp_group, pp_group):
+                                            parallel, dist.rank_spec(), tp_group, pp_group,
+                                            ep_group, etp_group):
             yield name, tensor.cpu() if cpu else tensor
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *,

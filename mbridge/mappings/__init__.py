@@ -1,7 +1,7 @@
 """Pure mappings between HF and mcore trees: combinators, tensor ops, one file per
 architecture, and the registry keyed by HF architecture name."""
 
-from mbridge.mappings import llama, mistral, qwen2, qwen3  # noqa: F401  (register)
+from mbridge.mappings import llama, mistral, qwen2, qwen3, qwen3_moe  # noqa: F401  (register)
 from mbridge.mappings.core import Mapping, Tree, at, chain, fuse, per_layer, rename
 from mbridge.mappings.registry import Architecture, architecture_of, get, register, supported
 

@@ -1,10 +1,14 @@
 """Online conversion between an HF checkpoint and live Megatron-Core model chunks.
 
 Import: for each mapping group, every rank reads only its TP slices of the HF tensors it
-hosts, applies ``to_mcore`` locally and copies into its parameters; no collective.
-Export: for each mapping group, the owning pipeline stage gathers TP shards, the pipeline
+hosts, applies ``to_mcore`` locally and copies into its parameters; no collective. Experts
+are their own groups: an expert-parallel rank reads only its experts, and expert tensors
+split over the expert-tensor-parallel group (``Layout.expert``).
+Export: for each mapping group, the owning pipeline stage gathers TP shards (expert-TP
+shards for experts; the expert's EP rank then broadcasts it over the EP group), the pipeline
 group receives them by broadcast, ``unshard`` and ``to_hf`` run on every rank, and the HF
-tensors are yielded; at most one group is held beyond what the caller keeps.
+tensors are yielded; at most one group is held beyond what the caller keeps (rows of
+stacked expert tensors, ``name[e]``, are held until their tensor is complete).
 """
 
 from __future__ import annotations
@@ -16,33 +20,44 @@ import torch.distributed as dist
 
 from mbridge.io.hf import CheckpointError, HFCheckpoint
 from mbridge.mappings.core import Mapping, local_key
-from mbridge.sharding import key_placement, shard_ranges, unshard
+from mbridge.mappings.moe import sequential_key
+from mbridge.mappings.stacked import coverage, restack, split_index, stacked_counts
+from mbridge.sharding import shard, shard_ranges, unshard
+from mbridge.sharding.expert import placement
 from mbridge.specs import ModelSpec, ParallelSpec, RankSpec
 
 
 def _params(chunks: Sequence[torch.nn.Module]) -> list[dict[str, torch.Tensor]]:
-    """Per chunk, its tensors by local-spec mcore name (Transformer Engine names mapped back)."""
-    return [{local_key(k): v for k, v in chunk.state_dict(keep_vars=True).items()
+    """Per chunk, its tensors by local-spec mcore name (Transformer Engine names, TEGroupedMLP
+    expert names included, mapped back)."""
+    return [{sequential_key(local_key(k)): v for k, v in chunk.state_dict(keep_vars=True).items()
              if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
             for chunk in chunks]
 
 
-def _hosted(group: Mapping, spec: ModelSpec, parallel: ParallelSpec, pp_rank: int):
-    """{mcore key: [(chunk, local key), ...]} for the keys of ``group`` on this stage."""
+def _hosted(group: Mapping, spec: ModelSpec, parallel: ParallelSpec, rank: RankSpec):
+    """{mcore key: [(chunk, local key), ...]} for the keys of ``group`` on this rank: on its
+    pipeline stage and, for an expert's tensors, on its EP rank."""
     hosted = {}
     for key in group.mcore_keys:
-        places = [(v, local) for pp, v, local in
-                  key_placement(key, spec.num_layers, parallel, spec.tie_embeddings)
-                  if pp == pp_rank]
+        places = [(v, local) for pp, v, ep, local in placement(key, spec, parallel)
+                  if pp == rank.pp and ep in (None, rank.ep)]
         if places:
             hosted[key] = places
     return hosted
 
 
-def read_hf_shard(ckpt: HFCheckpoint, group: Mapping, tp: int, tp_rank: int):
-    """This TP rank's slices of the HF tensors of ``group``, read lazily from disk."""
+def read_hf_shard(ckpt: HFCheckpoint, group: Mapping, tp: int, tp_rank: int,
+                  etp: int = 1, etp_rank: int = 0):
+    """This rank's slices of the HF tensors of ``group``, read lazily from disk: TP slices,
+    or expert-TP slices for expert tensors; ``key[e]`` reads row ``e`` of a stacked tensor."""
     tree = {}
     for key, layout in group.hf_layouts.items():
+        size, r = (etp, etp_rank) if layout.expert else (tp, tp_rank)
+        base, row = split_index(key)
+        if row is not None:
+            tree[key] = shard(ckpt.read_slices(base, 0, [(row, row + 1)])[0], layout, size, r)
+            continue
         if layout.dim is None:
             tree[key] = ckpt.read(key)
             continue
@@ -50,7 +65,7 @@ def read_hf_shard(ckpt: HFCheckpoint, group: Mapping, tp: int, tp_rank: int):
         if len(shape) <= layout.dim:
             raise CheckpointError(f"tensor {key!r} has shape {list(shape)}; expected at least "
                                   f"{layout.dim + 1} dimensions")
-        ranges, pad = shard_ranges(layout, shape[layout.dim], tp, tp_rank)
+        ranges, pad = shard_ranges(layout, shape[layout.dim], size, r)
         tree[key] = ckpt.read_slices(key, layout.dim, ranges, pad)
     return tree
 
@@ -59,15 +74,12 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
             parallel: ParallelSpec, rank: RankSpec) -> None:
     """Copy the HF weights this rank hosts into ``chunks``; checks every shape first."""
     params = _params(chunks)
-    missing = [k for g in groups for k in g.hf_keys if k not in ckpt.keys()]
-    if missing:
-        raise CheckpointError(f"{ckpt.path} lacks {len(missing)} tensors the model needs, "
-                              f"e.g. {missing[:3]}")
+    check_coverage(ckpt, groups, spec)
     for group in groups:
-        hosted = _hosted(group, spec, parallel, rank.pp)
+        hosted = _hosted(group, spec, parallel, rank)
         if not hosted:
             continue
-        hf = read_hf_shard(ckpt, group, parallel.tp, rank.tp)
+        hf = read_hf_shard(ckpt, group, parallel.tp, rank.tp, parallel.etp, rank.etp)
         try:
             local = group.to_mcore(hf)
         except RuntimeError as e:
@@ -83,22 +95,51 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
                     param.copy_(local[key])
 
 
+def check_coverage(ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSpec) -> None:
+    """Raise if the mappings need tensors the checkpoint lacks, read one twice, or leave a
+    tensor of one of the model's layers unread (an expert left behind); tensors outside the
+    layers the model builds (e.g. multi-token-prediction layers) may stay unread."""
+    cover = coverage((k for g in groups for k in g.hf_keys),
+                     {k: ckpt.shape(k) for k in ckpt.keys()})
+    if cover.missing:
+        raise CheckpointError(f"{ckpt.path} lacks {len(cover.missing)} tensors the model "
+                              f"needs, e.g. {list(cover.missing[:3])}")
+    if cover.repeated:
+        raise CheckpointError(f"mapping reads {list(cover.repeated[:3])} more than once")
+    layers = tuple(f"model.layers.{i}." for i in range(spec.num_layers))
+    left = [k for k in cover.unread if k.startswith(layers) and not k.endswith("inv_freq")]
+    if left:
+        raise CheckpointError(f"{ckpt.path} holds {len(left)} tensors of the model's layers "
+                              f"that the {spec.architecture} mapping does not read, e.g. "
+                              f"{left[:3]}; the config and the weights disagree")
+
+
 def _shape_report(ckpt: HFCheckpoint, group: Mapping, detail: str) -> str:
-    shapes = ", ".join(f"{k}: {list(ckpt.shape(k))}" for k in group.hf_keys)
+    shapes = ", ".join(f"{k}: {list(ckpt.shape(split_index(k)[0]))}" for k in group.hf_keys)
     return f"misshaped tensor in {ckpt.path} ({shapes}): {detail}"
 
 
 def iter_hf(chunks, groups: Sequence[Mapping], spec: ModelSpec, parallel: ParallelSpec,
-            rank: RankSpec, tp_group=None, pp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
+            rank: RankSpec, tp_group=None, pp_group=None, ep_group=None,
+            etp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf name, full tensor)`` for the whole model on every rank, group by group."""
-    params = _params(chunks)
+    counts = stacked_counts(k for g in groups for k in g.hf_keys)
+    groups_out = _iter_groups(_params(chunks), groups, spec, parallel, rank,
+                              (tp_group, pp_group, ep_group, etp_group))
+    return restack(groups_out, counts)
+
+
+def _iter_groups(params, groups, spec, parallel, rank, process_groups):
+    tp_group, pp_group, ep_group, etp_group = process_groups
     for group in groups:
         full = {}
         for key, layout in group.mcore_layouts.items():
-            owner, chunk, name = key_placement(key, spec.num_layers, parallel,
-                                               spec.tie_embeddings)[0]
+            owner, chunk, ep_owner, name = placement(key, spec, parallel)[0]
             tensor = None
-            if owner == rank.pp:
+            if owner == rank.pp and ep_owner is not None:
+                tensor = _expert_tensor(params[chunk][name].detach(), layout, parallel,
+                                        rank.ep == ep_owner, etp_group, ep_group, ep_owner)
+            elif owner == rank.pp:
                 tensor = params[chunk][name].detach()
                 if parallel.tp > 1 and layout.dim is not None:
                     tensor = unshard(_all_gather(tensor, tp_group, parallel.tp), layout)
@@ -108,6 +149,26 @@ def iter_hf(chunks, groups: Sequence[Mapping], spec: ModelSpec, parallel: Parall
                 tensor = _broadcast(tensor, pp_group, owner)
             full[key] = tensor
         yield from group.to_hf(full).items()
+
+
+def _expert_tensor(local: torch.Tensor, layout, parallel: ParallelSpec, owner: bool, etp_group,
+                   ep_group, ep_owner: int) -> torch.Tensor:
+    """An expert's full tensor on every rank of this stage: its EP rank gathers the expert-TP
+    shards, then broadcasts it over the EP group (other EP ranks hold a local expert of the
+    same shape, whose full shape sizes the receive buffer)."""
+    if owner:
+        tensor = local
+        if parallel.etp > 1 and layout.dim is not None:
+            tensor = unshard(_all_gather(local, etp_group, parallel.etp), layout)
+    else:
+        shape = list(local.shape)
+        if layout.dim is not None:
+            shape[layout.dim] *= parallel.etp
+        tensor = local.new_empty(shape)
+    if parallel.ep > 1:
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=dist.get_global_rank(ep_group, ep_owner), group=ep_group)
+    return tensor
 
 
 def _all_gather(tensor: torch.Tensor, group, size: int) -> list[torch.Tensor]:

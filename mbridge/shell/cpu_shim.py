@@ -20,6 +20,16 @@ does nothing. It bridges exactly these CUDA-only calls:
    ``param.type() == "torch.cuda.FloatTensor"`` (``distrib_optimizer.py``,
    ``clip_grads.py``). Inside it, such allocations land on the CPU and ``Tensor.type()``
    names the CUDA type. Scoped, since a TorchFunctionMode adds a Python call to every torch op.
+7. The MoE router's gating GEMM (``RouterGatingLinearFunction`` in
+   ``megatron/core/transformer/moe/moe_utils.py``) tests ``te_general_gemm is not None``, a
+   name bound only when Transformer Engine imports; here it is bound to None, so the router
+   takes its ``torch.mm`` path.
+8. Multi-latent attention builds its core attention with Transformer Engine's keywords
+   ``k_channels``/``v_channels`` (``multi_latent_attention.py``); the local
+   ``DotProductAttention`` (and mbridge's SDPA subclass) accepts them here, checking that
+   ``v_channels`` equals ``config.kv_channels`` (mbridge sets it to ``v_head_dim``), which
+   sizes its output. (MoE's all-to-all dispatcher needs CUDA streams: without CUDA the shell
+   picks the all-gather dispatcher instead, shell/model.py.)
 """
 
 from __future__ import annotations
@@ -59,11 +69,30 @@ def apply() -> bool:
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _patch_tracker_add(mrandom)
+    _bridge_missing_te()
     for module in (fused_softmax, mutils):
         module.get_default_causal_mask = _causal_mask
         module.get_sliding_window_causal_mask = _sliding_window_mask
     _applied = True
     return True
+
+
+def _bridge_missing_te() -> None:
+    """Items 7 and 8 above."""
+    from megatron.core.transformer import dot_product_attention as dpa
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    init = dpa.DotProductAttention.__init__
+
+    def accept_mla_channels(self, config, *args, k_channels=None, v_channels=None, **kwargs):
+        if v_channels is not None and v_channels != config.kv_channels:
+            raise ValueError(f"v_channels={v_channels} but kv_channels={config.kv_channels}: "
+                             "the local core attention sizes its output by kv_channels")
+        init(self, config, *args, **kwargs)
+
+    dpa.DotProductAttention.__init__ = accept_mla_channels
 
 
 def _patch_tracker_add(mrandom) -> None:

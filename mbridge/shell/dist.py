@@ -70,6 +70,13 @@ def groups():
             ps.get_data_parallel_rank())
 
 
+def expert_groups():
+    """(expert parallel group, expert tensor parallel group) of this rank."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_group(), ps.get_expert_tensor_parallel_group()
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")

@@ -25,18 +25,25 @@ def have_te() -> bool:
 
 
 def transformer_config(spec: ModelSpec, parallel: ParallelSpec, dtype: str = "float32", **extra):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """``TransformerConfig`` (``MLATransformerConfig`` for multi-latent attention)."""
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+    from megatron.core.transformer import transformer_config as mtc
 
     kwargs = mconfig.transformer_config_kwargs(spec, parallel, dtype)
-    kwargs["activation_func"] = _ACTIVATIONS[kwargs["activation_func"]]
+    activations = {**_ACTIVATIONS, "quick_gelu": quick_gelu}
+    kwargs["activation_func"] = activations[kwargs["activation_func"]]
     kwargs["params_dtype"] = _DTYPES[kwargs["params_dtype"]]
     kwargs["pipeline_dtype"] = _DTYPES[kwargs["pipeline_dtype"]]
     cpu = not torch.cuda.is_available()
     kwargs.update(use_cpu_initialization=cpu, masked_softmax_fusion=not cpu,
                   bias_activation_fusion=False, gradient_accumulation_fusion=False,
                   apply_rope_fusion=False, persist_layer_norm=not cpu)
+    if cpu and kwargs.get("moe_token_dispatcher_type") == "alltoall":
+        kwargs["moe_token_dispatcher_type"] = "allgather"  # alltoall needs CUDA streams
     kwargs.update(extra)
-    return TransformerConfig(**kwargs)
+    if kwargs.pop("multi_latent_attention", False):
+        return mtc.MLATransformerConfig(**kwargs)
+    return mtc.TransformerConfig(**kwargs)
 
 
 def layer_spec(spec: ModelSpec, use_te: bool | None = None, attention: str = "sdpa"):
@@ -62,20 +69,55 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
     """This pipeline rank's model chunks (one per virtual stage), on ``device``."""
     from megatron.core.models.gpt import GPTModel
 
+    te = use_te if use_te is not None else have_te()
+    if spec.moe is not None and te:
+        config_extra.setdefault("moe_grouped_gemm", True)  # TEGroupedMLP
     cfg = transformer_config(spec, parallel, dtype, **config_extra)
     lspec = layer_spec(spec, use_te, attention)
     chunks = []
     for vp in range(parallel.vpp_size):
         first = pp_rank == 0 and vp == 0
         last = pp_rank == parallel.pp - 1 and vp == parallel.vpp_size - 1
-        model = GPTModel(cfg, lspec, pre_process=first, post_process=last,
-                         vp_stage=vp if parallel.vpp else None,
+        vp_stage = vp if parallel.vpp else None
+        if spec.moe is not None or spec.mla is not None:
+            lspec = block_spec(cfg, te, attention, vp_stage, pp_rank)
+        model = GPTModel(cfg, lspec, pre_process=first, post_process=last, vp_stage=vp_stage,
                          **mconfig.gpt_model_kwargs(spec, parallel))
-        model.rotary_pos_emb.inv_freq = mconfig.rope_inv_freq(spec.rope, spec.head_dim)
+        set_rope(model, spec)
         if device is not None:
             model.to(device)
         chunks.append(model)
     return chunks
+
+
+def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank: int):
+    """This stage's layer specs for MoE and multi-latent attention models: Megatron-Core's
+    ``get_gpt_decoder_block_spec`` (MoE or dense MLP per layer from ``moe_layer_freq``),
+    with the local spec's core attention swapped as ``layer_spec`` does."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=use_te,
+                                       normalization="RMSNorm", vp_stage=vp_stage,
+                                       pp_rank=pp_rank)
+    if not use_te and attention == "sdpa":
+        from mbridge.shell.fast_layers import SDPAttention
+
+        for layer in block.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif not use_te and attention != "megatron":
+        raise ValueError(f"attention={attention!r}; use 'sdpa' or 'megatron'")
+    return block
+
+
+def set_rope(model, spec: ModelSpec) -> None:
+    """Rotary frequencies computed as transformers does (``config.rope_inv_freq``): on the
+    model, or with multi-latent attention on each layer's attention (over its rope dims)."""
+    if spec.mla is None:
+        model.rotary_pos_emb.inv_freq = mconfig.rope_inv_freq(spec.rope, spec.head_dim)
+        return
+    inv_freq = mconfig.rope_inv_freq(spec.rope, spec.mla.qk_rope_head_dim)
+    for layer in model.decoder.layers:
+        layer.self_attention.rotary_pos_emb.inv_freq = inv_freq.clone()
 
 
 def wrap_ddp(chunks: list, ddp_config=None) -> list:
