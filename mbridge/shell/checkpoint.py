@@ -1,0 +1,212 @@
+"""Training checkpoints: Megatron-Core distributed checkpoints of model, optimizer, RNG and
+progress (step, consumed samples: the data position and the lr-schedule position).
+
+Layout (Megatron-LM's), under ``checkpoint.save``::
+
+    latest_checkpointed_iteration.txt    the newest complete step, written last
+    iter_0000010/                        dist_checkpointing.save of
+        {"model0".., "optimizer", "rng_state", "progress", "run_config"}
+        hf/config.json, mbridge.json     so `mbridge convert export --mcore DIR` needs nothing else
+
+Model keys are ``GPTModel.sharded_state_dict()``'s, one ``model{v}`` entry per virtual
+pipeline chunk (global shapes: loadable at any TP/PP). The optimizer uses Megatron-Core's
+``dp_reshardable`` format (resume at the same TP/PP; set ``checkpoint.load_optim=false`` to
+change them). A checkpoint is written into ``.iter_XXXXXXX.partial`` and renamed when
+complete, so an interrupted save never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import msgspec
+import torch
+import torch.distributed as tdist
+
+from mbridge.io.hf import CheckpointError
+from mbridge.shell.cpu_shim import cuda_as_cpu
+from mbridge.train import cadence
+from mbridge.train.state import Progress
+
+TRACKER = "latest_checkpointed_iteration.txt"
+OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def latest(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``directory`` (None if there is none); raises
+    CheckpointError if the tracker names one that is missing or incomplete."""
+    root = Path(directory)
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint.load={root} is not a directory")
+    tracker = root / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{tracker} should hold a step number, holds {text[:40]!r}")
+        path = root / cadence.checkpoint_name(int(text))
+    else:
+        steps = cadence.checkpoint_steps(p.name for p in root.iterdir() if p.is_dir())
+        if not steps:
+            return None
+        path = root / cadence.checkpoint_name(steps[-1])
+    check_readable(path)
+    return path
+
+
+def check_readable(path: Path) -> None:
+    """The files of a Megatron-Core dist checkpoint are there and its metadata parses."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete or unreadable: no {name}")
+    try:
+        json.loads((path / "metadata.json").read_text())
+        torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"cpu": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["cpu"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def sharded_state_dict(runtime, *, loading: bool, optim: bool = True, rng: bool = True) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    modules = [getattr(c, "module", c) for c in runtime.model]
+    state = {f"model{v}": m.sharded_state_dict() for v, m in enumerate(modules)}
+    if optim:
+        if loading:
+            _materialize_adam_state(runtime.optimizer)
+        model_sd = dict(state)
+        with cuda_as_cpu():
+            state["optimizer"] = runtime.optimizer.sharded_state_dict(
+                model_sd, is_loading=loading, metadata=OPTIM_FORMAT)
+    if rng:
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+        state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
+                                           replica_id=0)
+    return state
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Megatron-Core's DistributedOptimizer builds its loading state dict from the inner
+    optimizer's state, which torch's Adam (the fallback without TE/Apex) creates lazily at
+    its first step; create it (zeros, step 0) so a fresh optimizer can be loaded into."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
+def _restore_adam_step(optimizer, loaded: dict) -> None:
+    """Torch Adam keeps its step per parameter; Megatron-Core's loader leaves our zeros in
+    place (dp_reshardable), so set it from the step stored with the param groups."""
+    groups = loaded.get("optimizer", {}).get("param_groups", [])
+    steps = {g["step"] for g in groups if g.get("step") is not None}
+    if len(steps) != 1:
+        return
+    step = float(steps.pop())
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for st in inner.state.values():
+                st["step"] = torch.tensor(step)
+
+
+def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict, *,
+         hf_config: dict, spec_json: bytes, hf_source=None, keep: int = -1) -> Path:
+    """Write checkpoint ``iter_{progress.step}`` under ``root`` (every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    from mbridge.io.mcore import write_hf_files
+
+    root = Path(root)
+    final = root / cadence.checkpoint_name(progress.step)
+    tmp = root / f".{final.name}.partial"
+    rank0 = tdist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    tdist.barrier()
+    state = sharded_state_dict(runtime, loading=False)
+    state["progress"] = msgspec.to_builtins(progress)
+    state["run_config"] = run_config
+    state["world_size"] = tdist.get_world_size()
+    with cuda_as_cpu():
+        dist_checkpointing.save(state, str(tmp))
+    tdist.barrier()
+    if rank0:
+        write_hf_files(tmp, hf_config, spec_json, hf_source)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_tracker(root, progress.step)
+        for step in cadence.to_delete(cadence.checkpoint_steps(
+                p.name for p in root.iterdir() if p.is_dir()), keep):
+            shutil.rmtree(root / cadence.checkpoint_name(step), ignore_errors=True)
+    tdist.barrier()
+    return final
+
+
+def _write_tracker(root: Path, step: int) -> None:
+    tmp = root / f".{TRACKER}.tmp"
+    tmp.write_text(f"{step}\n")
+    os.replace(tmp, root / TRACKER)
+
+
+def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progress:
+    """Load checkpoint ``path`` into ``runtime`` (every rank calls it); returns its Progress."""
+    from megatron.core import dist_checkpointing
+
+    common = torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+    if "progress" not in common:
+        raise CheckpointError(f"{path} is not a training checkpoint (no progress); start "
+                              "from it with model.hf_path instead")
+    saved_world = common.get("world_size")
+    rng = rng and saved_world in (None, tdist.get_world_size())
+    state = sharded_state_dict(runtime, loading=True, optim=optim, rng=rng)
+    try:
+        with cuda_as_cpu():
+            loaded = dist_checkpointing.load(state, str(path))
+            for v, chunk in enumerate(runtime.model):
+                getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{v}"], strict=True)
+            if optim:
+                with torch.no_grad():
+                    runtime.optimizer.load_state_dict(loaded["optimizer"])
+                _restore_adam_step(runtime.optimizer, loaded["optimizer"])
+            else:  # fp32 master weights from the loaded model weights
+                runtime.optimizer.reload_model_params()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    if rng:
+        _set_rng_state(loaded["rng_state"])
+    return msgspec.convert(loaded["progress"], Progress)

@@ -1,0 +1,151 @@
+"""``pretrain(config)``: the training loop, top to bottom. Every check that can fail runs
+before the model is built (config, data paths, checkpoint to resume, W&B); then the loop
+calls the pure ``step`` and lets ``mbridge.train.cadence`` decide when to log, evaluate,
+checkpoint and stop. SIGTERM/SIGINT stop it after the current step, with a checkpoint when
+``checkpoint.save`` is set.
+
+    torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llama_pretrain
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from mbridge import config as mconfig
+from mbridge.io.hf import CheckpointError
+from mbridge.shell import checkpoint, data, dist
+from mbridge.shell.logger import TrainLogger, check_wandb
+from mbridge.train import cadence
+from mbridge.train.config import ConfigError, RunConfig
+from mbridge.train.plan import check_sections, parallel_spec, plan_run
+from mbridge.train.state import TrainState
+from mbridge.train.step import Metrics, step
+
+
+def resolve_model(cfg: RunConfig):
+    """(ModelSpec, bridge or None, HF config dict, HF source dir or None) for the run."""
+    from mbridge.bridge import AutoBridge
+
+    if cfg.model.spec is not None:
+        return cfg.model.spec, None, mconfig.to_hf_config(cfg.model.spec), None
+    path = Path(cfg.model.hf_path)
+    try:
+        if (path / "mbridge.json").is_file():
+            bridge = AutoBridge.from_mcore_checkpoint(path)
+            return bridge.spec, bridge, bridge.hf_config, None
+        bridge = AutoBridge.from_hf_pretrained(path)
+    except (CheckpointError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"model.hf_path={cfg.model.hf_path}: {e}") from None
+    return bridge.spec, bridge, bridge.hf_config, path
+
+
+def _resume_path(cfg: RunConfig) -> Path | None:
+    c = cfg.checkpoint
+    if c.load is None:
+        return None
+    path = checkpoint.latest(c.load)
+    if path is None and c.exit_on_missing_checkpoint:
+        raise CheckpointError(f"checkpoint.load={c.load} holds no checkpoint "
+                              "(checkpoint.exit_on_missing_checkpoint=true)")
+    return path
+
+
+class _StopSignal:
+    """Remembers SIGTERM/SIGINT so the loop can stop cleanly after the current step."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        """The signal, if any rank got one (all ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.name else 0.0])
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return (self.name or "a stop signal on another rank") if flag.item() else None
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None) -> TrainState:
+    """Train as ``cfg`` says, resuming from ``checkpoint.load`` when it holds a checkpoint.
+    Every rank calls it (under torchrun, or alone as a one-rank run). Returns the final
+    TrainState; ``on_step`` sees every step's Metrics."""
+    from mbridge.shell.runtime import MegatronRuntime
+
+    check_sections(cfg)
+    spec, bridge, hf_config, hf_source = resolve_model(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = plan_run(cfg, spec, world)
+    data.check_paths(cfg)
+    check_wandb(cfg)
+    resume = _resume_path(cfg)
+    dist.init(parallel_spec(cfg), seed=cfg.rng.seed)
+    runtime = MegatronRuntime(cfg, spec, plan, bridge if resume is None else None)
+    state = TrainState(seed=cfg.rng.seed, model=runtime.model, optimizer=runtime.optimizer)
+    if resume is not None:
+        c = cfg.checkpoint
+        state = state.with_progress(checkpoint.load(resume, runtime, optim=c.load_optim,
+                                                    rng=c.load_rng))
+    train_ds, valid_ds = data.build(cfg, spec.vocab_size)
+    from megatron.core import parallel_state as ps
+
+    dp_rank = ps.get_data_parallel_rank()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    log = TrainLogger(cfg, spec, rank=tdist.get_rank(), world_size=world,
+                      start_step=state.step, device_name=device)
+    if resume is not None:
+        log.note(f"resumed from {resume} at step {state.step}")
+    train_step = functools.partial(step, runtime=runtime, config=plan.step)
+    save = functools.partial(_save, cfg, runtime, hf_config=hf_config,
+                             spec_json=spec.to_json(), hf_source=hf_source)
+    stop = _StopSignal()
+    try:
+        reason = cadence.stop_reason(state.step, cfg.train.train_iters)
+        while reason is None:
+            start = time.perf_counter()
+            batch = data.batch_at(train_ds, state.consumed_samples, cfg, plan, dp_rank)
+            state, metrics = train_step(state, batch)
+            seconds = time.perf_counter() - start
+            reason = cadence.stop_reason(state.step, cfg.train.train_iters,
+                                         cfg.train.exit_interval, stop.agreed())
+            log.step(metrics, seconds, last=reason is not None)
+            if on_step is not None:
+                on_step(metrics)
+            _eval_and_save(cfg, plan, runtime, valid_ds, dp_rank, state, log, save,
+                           last=reason is not None)
+        log.note(f"stopped after step {state.step}: {reason}")
+    finally:
+        stop.restore()
+        log.close()
+    return state
+
+
+def _eval_and_save(cfg, plan, runtime, valid_ds, dp_rank, state, log, save, *, last) -> None:
+    t = cfg.train
+    if valid_ds is not None and cadence.should_eval(state.step, t.eval_interval, t.eval_iters,
+                                                    last=last):
+        loss = runtime.evaluate(data.validation_batches(valid_ds, cfg, plan, dp_rank))
+        log.evaluation(state.step, loss.mean)
+    c = cfg.checkpoint
+    if cadence.should_save(state.step, c.save_interval, last=last, saving=c.save is not None):
+        path = save(state)
+        log.note(f"saved checkpoint {path}")
+
+
+def _save(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json, hf_source):
+    return checkpoint.save(cfg.checkpoint.save, runtime, state.progress(), cfg.to_dict(),
+                           hf_config=hf_config, spec_json=spec_json, hf_source=hf_source,
+                           keep=cfg.checkpoint.most_recent_k)

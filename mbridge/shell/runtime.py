@@ -1,0 +1,199 @@
+"""``MegatronRuntime``: the ``mbridge.train.step.Runtime`` protocol bound to Megatron-Core.
+
+Model chunks come from ``GPTModelProvider`` (HF weights through AutoBridge, or random init),
+wrapped in Megatron-Core DDP; the optimizer is ``get_megatron_optimizer`` (Adam or SGD, fp32
+master weights, the distributed optimizer when ``optimizer.use_distributed_optimizer``);
+forward and backward run through ``get_forward_backward_func`` (no pipelining, 1F1B or
+interleaved 1F1B as the parallel sizes say) with a per-token loss
+(``calculate_per_token_loss``), so losses and gradients are token-weighted means over the
+whole global batch whatever the layout. Device-agnostic: NCCL + CUDA when present, gloo +
+CPU otherwise (then through ``cpu_shim.cuda_as_cpu``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as tdist
+
+from mbridge.shell.cpu_shim import cuda_as_cpu
+from mbridge.specs import ModelSpec
+from mbridge.train.config import RunConfig
+from mbridge.train.plan import RunPlan
+from mbridge.train.step import GradStats, LossSum
+
+DTYPES = {"fp32": "float32", "bf16_mixed": "bfloat16", "fp16_mixed": "float16"}
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token loss sum, token count, and both for reporting (Megatron-LM's 3-tuple)."""
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(output.float().reshape(-1) * mask)
+    tokens = mask.sum().to(torch.int)
+    return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
+
+
+class MegatronRuntime:
+    """Owns the model chunks and the optimizer; implements the training Runtime protocol."""
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, plan: RunPlan, bridge=None):
+        from mbridge.bridge import GPTModelProvider
+
+        self.cfg, self.spec, self.plan = cfg, spec, plan
+        m = cfg.model
+        dtype = DTYPES[cfg.mixed_precision]
+        provider = GPTModelProvider(
+            spec=spec, bridge=bridge, tensor_model_parallel_size=m.tensor_model_parallel_size,
+            pipeline_model_parallel_size=m.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=m.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=m.expert_model_parallel_size,
+            expert_tensor_parallel_size=m.expert_tensor_parallel_size,
+            context_parallel_size=m.context_parallel_size, sequence_parallel=m.sequence_parallel,
+            num_layers_in_first_pipeline_stage=m.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=m.num_layers_in_last_pipeline_stage,
+            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, params_dtype=dtype,
+            seed=cfg.rng.seed,
+            extra_config=dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
+                              hidden_dropout=m.hidden_dropout,
+                              attention_dropout=m.attention_dropout))
+        self.model = provider.provide_distributed_model(
+            wrap_with_ddp=True, ddp_config=self._ddp_config(), load_weights=bridge is not None)
+        self.config = self.model[0].config
+        self._bind_sync_funcs()
+        with cuda_as_cpu():
+            self.optimizer = self._build_optimizer(dtype)
+
+    def _ddp_config(self):
+        from megatron.core.distributed import DistributedDataParallelConfig
+
+        p = self.cfg.parallel
+        return DistributedDataParallelConfig(
+            grad_reduce_in_fp32=p.grad_reduce_in_fp32, overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather, bucket_size=p.bucket_size,
+            use_distributed_optimizer=self.cfg.optimizer.use_distributed_optimizer)
+
+    def _bind_sync_funcs(self) -> None:
+        """Gradient finalisation and overlap hooks, as Megatron-LM's ``training.py`` sets them."""
+        from megatron.core.distributed import finalize_model_grads
+
+        c, ddp = self.config, self.model[0].ddp_config
+        c.finalize_model_grads_func = finalize_model_grads
+        one = len(self.model) == 1
+        if ddp.overlap_grad_reduce:
+            funcs = [m.no_sync for m in self.model]
+            c.no_sync_func = funcs[0] if one else funcs
+            c.grad_sync_func = [m.start_grad_sync for m in self.model]
+            c.grad_sync_func = c.grad_sync_func[0] if one else c.grad_sync_func
+        if ddp.overlap_param_gather:
+            c.param_sync_func = [m.start_param_sync for m in self.model]
+            c.param_sync_func = c.param_sync_func[0] if one else c.param_sync_func
+
+    def _build_optimizer(self, dtype: str):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.cfg.optimizer
+        config = OptimizerConfig(
+            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
+            bf16=dtype == "bfloat16", fp16=dtype == "float16",
+            params_dtype=getattr(torch, dtype),
+            use_distributed_optimizer=o.use_distributed_optimizer)
+        return get_megatron_optimizer(config, self.model)
+
+    # ---- the Runtime protocol -------------------------------------------------------------
+
+    def forward_backward(self, batch, *, seed: int) -> LossSum:
+        self._reseed(seed)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return self._run(batch, forward_only=False)
+
+    def grad_stats(self) -> GradStats:
+        with cuda_as_cpu():
+            found_inf = bool(self.optimizer.prepare_grads())
+            norm = self.optimizer.get_grad_norm()
+        return GradStats(norm=float("inf") if norm is None else float(norm), found_inf=found_inf)
+
+    def apply_update(self, *, lr: float, weight_decay: float, clip_coeff: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+        if clip_coeff < 1.0:
+            grads = [p.grad for p in self._main_params() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, clip_coeff)
+        with cuda_as_cpu():
+            self.optimizer.step_with_ready_grads()
+
+    def skip_update(self) -> None:
+        """Nothing to undo: gradients are zeroed at the start of the next step."""
+
+    def loss_scale(self) -> float:
+        with cuda_as_cpu():
+            return float(self.optimizer.get_loss_scale())
+
+    # ---- evaluation and helpers -----------------------------------------------------------
+
+    def evaluate(self, batches) -> LossSum:
+        """Token-weighted mean loss over ``batches`` (each a list of micro-batches)."""
+        for chunk in self.model:
+            chunk.eval()
+        total, tokens = 0.0, 0
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    out = self._run(batch, forward_only=True)
+                    total, tokens = total + out.total, tokens + out.tokens
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        return LossSum(total=total, tokens=tokens)
+
+    def _main_params(self):
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            yield from opt.get_parameters()
+
+    def _reseed(self, seed: int) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        seed = seed + 100 * ps.get_pipeline_model_parallel_rank()  # as Megatron-LM
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+
+    def _forward_step(self, data_iterator, model):
+        from megatron.core import parallel_state as ps
+
+        mb = next(data_iterator)
+        if ps.get_context_parallel_world_size() > 1:
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            mb = get_batch_on_this_cp_rank(dict(mb))
+        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+        return output, partial(_loss_func, mb["loss_mask"])
+
+    def _run(self, batch, *, forward_only: bool) -> LossSum:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        device = next(self.model[0].parameters()).device
+        batch = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in batch]
+        iterators = [iter(batch) for _ in self.model]
+        with cuda_as_cpu():
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step,
+                data_iterator=iterators if len(self.model) > 1 else iterators[0],
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=len(batch), seq_length=self.cfg.model.seq_length,
+                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+        summed = torch.zeros(2, dtype=torch.float64, device=device)
+        for out in outputs or []:
+            summed += out["lm loss"].to(torch.float64)
+        # Only the last pipeline stage has losses: sum over the pipeline, then over data
+        # (and context) parallel ranks, so every rank reports the global batch's loss.
+        tdist.all_reduce(summed, group=ps.get_pipeline_model_parallel_group())
+        tdist.all_reduce(summed, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return LossSum(total=float(summed[0]), tokens=int(summed[1]))

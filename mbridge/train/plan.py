@@ -1,0 +1,100 @@
+"""Check a run config against the model and the world size, and derive what the run needs
+(data-parallel size, micro-batches per step, lr schedule, step config). Pure: every
+inconsistency is a ConfigError naming the key to change, raised before anything starts.
+
+    plan = plan_run(cfg, spec, world_size=2)   # plan.dp_size, plan.num_microbatches, ...
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from mbridge.sharding.plan import stage_layer_counts
+from mbridge.specs import ModelSpec, ParallelSpec, check_model_fits
+from mbridge.train import schedule as lr_schedule
+from mbridge.train.config import ConfigError, RunConfig
+from mbridge.train.sampling import num_microbatches
+from mbridge.train.step import StepConfig
+
+
+class RunPlan(msgspec.Struct, frozen=True, kw_only=True):
+    world_size: int
+    dp_size: int
+    num_microbatches: int
+    parallel: ParallelSpec
+    step: StepConfig
+
+
+def parallel_spec(cfg: RunConfig) -> ParallelSpec:
+    m = cfg.model
+    try:
+        return ParallelSpec(tp=m.tensor_model_parallel_size, pp=m.pipeline_model_parallel_size,
+                            vpp=m.virtual_pipeline_model_parallel_size,
+                            ep=m.expert_model_parallel_size, etp=m.expert_tensor_parallel_size,
+                            cp=m.context_parallel_size,
+                            first_stage_layers=m.num_layers_in_first_pipeline_stage,
+                            last_stage_layers=m.num_layers_in_last_pipeline_stage,
+                            vocab_multiple=m.make_vocab_size_divisible_by)
+    except ValueError as e:
+        raise ConfigError(f"model parallel sizes: {e}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_sections(cfg: RunConfig) -> None:
+    """Checks that need neither the model nor the world size."""
+    m, t, d, c = cfg.model, cfg.train, cfg.data, cfg.checkpoint
+    _check((m.hf_path is None) != (m.spec is None),
+           "set exactly one of model.hf_path (start from an HF checkpoint) and model.spec "
+           "(random init)")
+    _check(t.train_iters > 0, f"train.train_iters={t.train_iters} must be positive")
+    _check(m.seq_length > 0, f"model.seq_length={m.seq_length} must be positive")
+    _check(t.eval_iters >= 0, f"train.eval_iters={t.eval_iters} must be >= 0")
+    _check(cfg.logging.log_interval > 0,
+           f"logging.log_interval={cfg.logging.log_interval} must be positive")
+    _check(d.mock != bool(d.blend), "set data.mock=true or give data.blend (indexed dataset "
+           "prefixes), not both and not neither")
+    _check(d.blend_weights is None or len(d.blend_weights) == len(d.blend),
+           f"data.blend_weights has {len(d.blend_weights or ())} weights for "
+           f"{len(d.blend)} data.blend paths")
+    _check(d.blend_weights is None or all(w > 0 for w in d.blend_weights),
+           "data.blend_weights must be positive")
+    _check(c.save_interval is None or c.save is not None,
+           "checkpoint.save_interval needs checkpoint.save (a directory)")
+    _check(m.sequence_parallel is False or m.tensor_model_parallel_size > 1,
+           "model.sequence_parallel needs model.tensor_model_parallel_size > 1")
+    lr_schedule.from_config(cfg)
+
+
+def plan_run(cfg: RunConfig, spec: ModelSpec, world_size: int) -> RunPlan:
+    """Check ``cfg`` for ``spec`` on ``world_size`` ranks and derive the run's plan."""
+    check_sections(cfg)
+    parallel = parallel_spec(cfg)
+    try:
+        check_model_fits(spec, parallel)
+        stage_layer_counts(spec.num_layers, parallel)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model_parallel = parallel.tp * parallel.pp * parallel.cp
+    _check(world_size % model_parallel == 0,
+           f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
+           f"sizes ({parallel.tp} x {parallel.pp} x {parallel.cp}); change "
+           "model.*_model_parallel_size or --nproc-per-node")
+    _check(parallel.cp == 1 or cfg.model.seq_length % (2 * parallel.cp) == 0,
+           f"model.seq_length={cfg.model.seq_length} must be divisible by 2 x "
+           f"context_parallel_size ({parallel.cp})")
+    dp = world_size // model_parallel
+    t = cfg.train
+    n_micro = num_microbatches(t.global_batch_size, t.micro_batch_size, dp)
+    _check(parallel.vpp is None or n_micro >= parallel.pp,
+           f"interleaved pipelining needs at least pipeline_model_parallel_size="
+           f"{parallel.pp} micro-batches per step, got {n_micro} (global_batch_size / "
+           "(micro_batch_size x data-parallel size)); raise train.global_batch_size")
+    step = StepConfig(schedule=lr_schedule.from_config(cfg), global_batch_size=t.global_batch_size,
+                      seq_length=cfg.model.seq_length, clip_grad=cfg.optimizer.clip_grad,
+                      skip_nonfinite=t.skip_nonfinite)
+    return RunPlan(world_size=world_size, dp_size=dp, num_microbatches=n_micro,
+                   parallel=parallel, step=step)

@@ -1,0 +1,123 @@
+"""Recipes: plain functions returning a RunConfig; override anything afterwards.
+
+    cfg = recipes.llama32_1b_pretrain(data_paths=["/data/corpus_text_document"])
+    cfg = config.apply_overrides(cfg, ["model.tensor_model_parallel_size=2"])
+
+Architectures are those of the public HF configs (``meta-llama/Llama-3.2-1B``,
+``meta-llama/Meta-Llama-3-8B``, ``Qwen/Qwen3-8B``); parallel sizes and batch settings follow
+Megatron-Bridge's pretraining recipes for the same models. ``hf_path`` starts from a
+converted HF checkpoint instead of random init (the architecture then comes from it).
+``tiny_llama_pretrain`` trains on a laptop CPU in seconds with mock data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from mbridge.specs import ModelSpec, RopeSpec
+from mbridge.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    SchedulerConfig,
+    TrainConfig,
+)
+
+LLAMA32_1B = ModelSpec(
+    architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=2048, ffn_hidden_size=8192,
+    num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, norm_eps=1e-5,
+    rope=RopeSpec(theta=500000.0, kind="llama3", factor=32.0, low_freq_factor=1.0,
+                  high_freq_factor=4.0, original_max_position_embeddings=8192),
+    max_position_embeddings=131072, tie_embeddings=True)
+
+LLAMA3_8B = ModelSpec(
+    architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, ffn_hidden_size=14336,
+    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, norm_eps=1e-5,
+    rope=RopeSpec(theta=500000.0), max_position_embeddings=8192)
+
+QWEN3_8B = ModelSpec(
+    architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096, ffn_hidden_size=12288,
+    num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, norm_eps=1e-6,
+    rope=RopeSpec(theta=1000000.0), max_position_embeddings=40960, qk_norm=True)
+
+TINY_LLAMA = ModelSpec(
+    architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, ffn_hidden_size=128,
+    num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, norm_eps=1e-5,
+    max_position_embeddings=256)
+
+
+def _data(data_paths: Sequence[str] | None) -> DataConfig:
+    return DataConfig(blend=tuple(data_paths)) if data_paths else DataConfig(mock=True)
+
+
+def _pretrain(name: str, spec: ModelSpec, *, hf_path: str | None, data_paths, seq_length: int,
+              tp: int = 1, pp: int = 1, cp: int = 1, gbs: int = 512, mbs: int = 1,
+              train_iters: int = 1_168_251, lr: float = 3e-4, warmup: int = 2000) -> RunConfig:
+    """A Megatron-Bridge-style pretraining run: bf16, distributed Adam, cosine decay."""
+    out = f"runs/{name}"
+    return RunConfig(
+        model=ModelConfig(hf_path=hf_path, spec=None if hf_path else spec, seq_length=seq_length,
+                          tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                          context_parallel_size=cp, sequence_parallel=tp > 1),
+        train=TrainConfig(train_iters=train_iters, global_batch_size=gbs, micro_batch_size=mbs,
+                          eval_interval=2000, eval_iters=32),
+        optimizer=OptimizerConfig(lr=lr, min_lr=lr / 10, weight_decay=0.1, adam_beta2=0.95,
+                                  adam_eps=1e-5),
+        scheduler=SchedulerConfig(lr_warmup_iters=warmup),
+        data=_data(data_paths),
+        checkpoint=CheckpointConfig(save=f"{out}/checkpoints", load=f"{out}/checkpoints",
+                                    save_interval=2000, most_recent_k=3),
+        logging=LoggingConfig(output_dir=out, log_interval=10),
+        mixed_precision="bf16_mixed")
+
+
+def llama32_1b_pretrain(hf_path: str | None = None,
+                        data_paths: Sequence[str] | None = None) -> RunConfig:
+    """Llama 3.2 1B: TP=1, PP=1, sequence 8192, global batch 512."""
+    return _pretrain("llama32_1b_pretrain", LLAMA32_1B, hf_path=hf_path,
+                     data_paths=data_paths, seq_length=8192)
+
+
+def llama3_8b_pretrain(hf_path: str | None = None,
+                       data_paths: Sequence[str] | None = None) -> RunConfig:
+    """Llama 3 8B: TP=1, PP=1, CP=2, sequence 8192, global batch 512."""
+    return _pretrain("llama3_8b_pretrain", LLAMA3_8B, hf_path=hf_path, data_paths=data_paths,
+                     seq_length=8192, cp=2)
+
+
+def qwen3_8b_pretrain(hf_path: str | None = None,
+                      data_paths: Sequence[str] | None = None) -> RunConfig:
+    """Qwen3 8B: TP=4 with sequence parallelism, PP=1, sequence 4096, global batch 512."""
+    return _pretrain("qwen3_8b_pretrain", QWEN3_8B, hf_path=hf_path, data_paths=data_paths,
+                     seq_length=4096, tp=4)
+
+
+def tiny_llama_pretrain(hf_path: str | None = None,
+                        data_paths: Sequence[str] | None = None) -> RunConfig:
+    """A 4-layer, 64-wide Llama on mock data in fp32: loss falls within 30 steps on a CPU."""
+    return RunConfig(
+        model=ModelConfig(hf_path=hf_path, spec=None if hf_path else TINY_LLAMA, seq_length=64,
+                          make_vocab_size_divisible_by=128),
+        train=TrainConfig(train_iters=30, global_batch_size=8, micro_batch_size=2,
+                          eval_interval=15, eval_iters=2),
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=3, lr_decay_style="cosine"),
+        data=_data(data_paths),
+        logging=LoggingConfig(output_dir="runs/tiny_llama_pretrain", log_interval=5),
+        mixed_precision="fp32")
+
+
+RECIPES: dict[str, Callable[..., RunConfig]] = {
+    f.__name__: f for f in (llama32_1b_pretrain, llama3_8b_pretrain, qwen3_8b_pretrain,
+                            tiny_llama_pretrain)}
+
+
+def get(name: str) -> Callable[..., RunConfig]:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}") \
+            from None
