@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mbridge.demo", "create a tiny random HF Llama, round-trip it through Megatron-Core "
                              "at TP=2 on CPU, check logits and tensors, print a report"),
     "convert": ("mbridge.offline_cli", "offline HF <-> Megatron-Core dist checkpoint conversion"),
+    "data": ("mbridge.data_cli", "training data: `data preprocess` JSONL -> indexed dataset"),
 }
 
 
