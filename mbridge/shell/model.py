@@ -35,9 +35,10 @@ def transformer_config(spec: ModelSpec, parallel: ParallelSpec, dtype: str = "fl
     kwargs["params_dtype"] = _DTYPES[kwargs["params_dtype"]]
     kwargs["pipeline_dtype"] = _DTYPES[kwargs["pipeline_dtype"]]
     cpu = not torch.cuda.is_available()
-    kwargs.update(use_cpu_initialization=cpu, masked_softmax_fusion=not cpu,
+    # The fusions below need Apex or Transformer Engine kernels; the TE spec brings its own.
+    kwargs.update(use_cpu_initialization=cpu, masked_softmax_fusion=False,
                   bias_activation_fusion=False, gradient_accumulation_fusion=False,
-                  apply_rope_fusion=False, persist_layer_norm=not cpu)
+                  apply_rope_fusion=False, persist_layer_norm=False)
     if cpu and kwargs.get("moe_token_dispatcher_type") == "alltoall":
         kwargs["moe_token_dispatcher_type"] = "allgather"  # alltoall needs CUDA streams
     kwargs.update(extra)
