@@ -130,6 +130,7 @@ def mla_kwargs(spec: ModelSpec) -> dict[str, Any]:
         qk_pos_emb_head_dim=mla.qk_rope_head_dim,
         v_head_dim=mla.v_head_dim,
         kv_channels=mla.v_head_dim,
+        qk_layernorm=True,  # builds the q and kv latent norms
         rope_type="rope",
         rotary_base=rope.theta,
         rotary_scaling_factor=rope.factor if scaled else 1.0,

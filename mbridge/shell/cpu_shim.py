@@ -28,8 +28,11 @@ does nothing. It bridges exactly these CUDA-only calls:
    ``k_channels``/``v_channels`` (``multi_latent_attention.py``); the local
    ``DotProductAttention`` (and mbridge's SDPA subclass) accepts them here, checking that
    ``v_channels`` equals ``config.kv_channels`` (mbridge sets it to ``v_head_dim``), which
-   sizes its output. (MoE's all-to-all dispatcher needs CUDA streams: without CUDA the shell
-   picks the all-gather dispatcher instead, shell/model.py.)
+   sizes its output. And ``multi_latent_attention.HAVE_TE`` is True without Transformer
+   Engine (``megatron/core/extensions/transformer_engine.py`` imports, with ``TELinear`` a
+   mock), so ``isinstance(self.linear_proj, TELinear)`` raises; it is set to False.
+   (MoE's all-to-all dispatcher needs CUDA streams: without CUDA the shell picks the
+   all-gather dispatcher instead, shell/model.py.)
 """
 
 from __future__ import annotations
@@ -79,8 +82,14 @@ def apply() -> bool:
 
 def _bridge_missing_te() -> None:
     """Items 7 and 8 above."""
+    import importlib.util
+
     from megatron.core.transformer import dot_product_attention as dpa
+    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import moe_utils
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        mla.HAVE_TE = False
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
