@@ -199,6 +199,9 @@ def check_model_fits(model: ModelSpec, parallel: ParallelSpec) -> None:
         )
     if model.moe is not None:
         check_moe_fits(model.moe, parallel)
+        if model.linear_bias and parallel.etp > 1:
+            raise ValueError(f"expert tensor parallel size {parallel.etp} with biased experts: "
+                             "Megatron-Core supports expert biases only at size 1")
     if model.mla is not None:
         check_mla_fits(model.mla, parallel)
     if model.ffn_hidden_size % parallel.tp:
