@@ -34,6 +34,15 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
 
 
+def _p2p_settings(plan: RunPlan) -> dict:
+    """Interleaved pipelining overlaps its sends and receives (Megatron-LM's default), which
+    also makes PP=2 correct: batched P2P there sends to "next" and "prev" on the same peer in
+    one batch, which gloo (and NCCL) match in posting order, swapping same-shaped activations
+    and gradients; the unbatched path puts the two directions on different groups."""
+    interleaved = plan.parallel.vpp is not None
+    return dict(overlap_p2p_comm=interleaved, batch_p2p_comm=not interleaved)
+
+
 class MegatronRuntime:
     """Owns the model chunks and the optimizer; implements the training Runtime protocol."""
 
@@ -56,7 +65,7 @@ class MegatronRuntime:
             seed=cfg.rng.seed,
             extra_config=dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
                               hidden_dropout=m.hidden_dropout,
-                              attention_dropout=m.attention_dropout))
+                              attention_dropout=m.attention_dropout, **_p2p_settings(plan)))
         self.model = provider.provide_distributed_model(
             wrap_with_ddp=True, ddp_config=self._ddp_config(), load_weights=bridge is not None)
         self.config = self.model[0].config
