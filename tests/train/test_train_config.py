@@ -1,0 +1,173 @@
+"""Run config: YAML/JSON round trips, dotted overrides validated against the structs, every
+recipe plans at its intended size, and bad configs, data paths and checkpoints fail before
+anything trains (in-process checks raise before torch.distributed starts)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_layering import test_core_module_is_pure
+
+from mbridge.io.hf import CheckpointError
+from mbridge.train import config, recipes
+from mbridge.train.config import ConfigError, RunConfig, apply_overrides
+from mbridge.train.plan import plan_run
+
+TRAIN = Path(__file__).parents[2] / "mbridge" / "train"
+PURE = sorted(p for p in TRAIN.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+
+
+@pytest.mark.parametrize("path", PURE, ids=lambda p: p.name)
+def test_train_core_is_pure(path):
+    test_core_module_is_pure(path)
+
+
+def test_yaml_and_json_round_trip():
+    cfg = recipes.tiny_llama_pretrain()
+    assert config.from_text(cfg.to_yaml()) == cfg
+    assert config.from_text(json.dumps(cfg.to_dict()), "json") == cfg
+    assert config.from_text("") == RunConfig()
+    partial = config.from_text("train:\n  train_iters: 7\noptimizer: {lr: 0.5}\n")
+    assert partial.train.train_iters == 7 and partial.optimizer.lr == 0.5
+
+
+def test_overrides_set_typed_values():
+    cfg = apply_overrides(recipes.tiny_llama_pretrain(), [
+        "train.train_iters=5", "optimizer.lr=1e-3", "checkpoint.save=123",
+        "data.mock=false", "data.blend=[a, b]", "data.blend_weights=[0.3, 0.7]",
+        "model.virtual_pipeline_model_parallel_size=null", "model.spec.num_layers=8",
+        "mixed_precision=bf16_mixed", "logging.tensorboard=false"])
+    assert cfg.train.train_iters == 5 and cfg.optimizer.lr == 1e-3
+    assert cfg.checkpoint.save == "123"  # a text field keeps the text
+    assert cfg.data.blend == ("a", "b") and cfg.data.blend_weights == (0.3, 0.7)
+    assert cfg.model.spec.num_layers == 8 and cfg.mixed_precision == "bf16_mixed"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.iters=5", "unknown config key 'train.iters'; did you mean .*train.train_iters"),
+    ("train.train_iters=abc", "Expected `int`, got `str` - at `train.train_iters`"),
+    ("optimizer.optimizer=lion", "optimizer.optimizer"),
+    ("mixed_precision=bf16", "mixed_precision"),
+    ("model.spec.num_heads=3", "num_heads=3 is not divisible"),
+    ("train.train_iters", "not key=value"),
+    ("train=3", "train"),
+    ("train.train_iters.x=1", "unknown config key .train.train_iters.x."),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(recipes.tiny_llama_pretrain(), [override])
+
+
+@pytest.mark.parametrize("name,world", [("llama32_1b_pretrain", 8), ("llama3_8b_pretrain", 16),
+                                        ("qwen3_8b_pretrain", 8), ("tiny_llama_pretrain", 2)])
+def test_recipes_plan(name, world):
+    cfg = recipes.get(name)()
+    plan = plan_run(cfg, cfg.model.spec, world)
+    assert plan.dp_size * plan.parallel.model_parallel_size == world
+    assert plan.num_microbatches * cfg.train.micro_batch_size * plan.dp_size == \
+        cfg.train.global_batch_size
+    assert recipes.get(name)(hf_path="/x").model.spec is None
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["train.global_batch_size=6"], 2, "global_batch_size=6 must be a positive multiple"),
+    (["model.tensor_model_parallel_size=4"], 2, "num_query_groups=2 is not divisible"),
+    (["model.pipeline_model_parallel_size=3"], 3, "num_layers=4 cannot be split"),
+    (["model.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible"),
+    (["model.pipeline_model_parallel_size=2", "model.virtual_pipeline_model_parallel_size=2",
+      "train.global_batch_size=2"], 2, "at least pipeline_model_parallel_size"),
+    (["data.blend=[x]"], 1, "data.mock=true or give data.blend"),
+    (["model.hf_path=/x"], 1, "exactly one of model.hf_path"),
+    (["checkpoint.save_interval=5"], 1, "needs checkpoint.save"),
+    (["model.sequence_parallel=true"], 1, "sequence_parallel needs"),
+    (["train.train_iters=0"], 1, "train_iters=0 must be positive"),
+])
+def test_inconsistent_configs_fail_in_planning(overrides, world, message):
+    cfg = apply_overrides(recipes.tiny_llama_pretrain(), overrides)
+    with pytest.raises(ConfigError, match=message):
+        plan_run(cfg, recipes.TINY_LLAMA, world)
+
+
+def test_flops_formula_by_hand():
+    from mbridge.specs import ModelSpec
+    from mbridge.train.flops import peak_tflops, throughput, train_flops_per_token
+
+    spec = ModelSpec(architecture="LlamaForCausalLM", vocab_size=10, hidden_size=4,
+                     ffn_hidden_size=6, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=2)
+    # per layer: qkv 4*(2+2)*2=32, proj 2*2*4=16, mlp 3*4*6=72 -> 120; attention 2*8*2*2=64
+    assert train_flops_per_token(spec, 8) == 3 * (2 * 2 * (120 + 64) + 2 * 4 * 10)
+    rate = throughput(1000, 2.0, 1e12, 2, 989.0)
+    assert rate.tokens_per_s == 500 and rate.tflops_per_device == 250
+    assert rate.mfu == pytest.approx(250 / 989)
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops(None) is None
+    assert throughput(1, 1.0, 1.0, 1, None).mfu is None
+
+
+# ---- failures before training, in process (no process group is started) ----------------
+
+def pretrain_error(cfg, error=ConfigError):
+    from mbridge.shell.pretrain import pretrain
+
+    with pytest.raises(error) as info:
+        pretrain(cfg)
+    import torch.distributed as tdist
+
+    assert not tdist.is_initialized()
+    return str(info.value)
+
+
+def test_missing_data_path_fails_before_training(tmp_path):
+    cfg = apply_overrides(recipes.tiny_llama_pretrain(),
+                          ["data.mock=false", f"data.blend=[{tmp_path}/nope_text_document]"])
+    assert "nope_text_document.bin and .idx not found" in pretrain_error(cfg)
+
+
+def test_missing_hf_checkpoint_fails_before_training(tmp_path):
+    cfg = apply_overrides(recipes.tiny_llama_pretrain(), [f"model.hf_path={tmp_path}/none"])
+    cfg = config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "spec": None}})
+    assert "model.hf_path" in pretrain_error(cfg) and "is not a directory" in pretrain_error(cfg)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("tracker", "should hold a step number"), ("missing", "does not exist"),
+    ("no-metadata", "no metadata.json"), ("garbage", "is unreadable"),
+    ("file", "is not a directory"), ("empty+exit", "holds no checkpoint")])
+def test_unreadable_checkpoint_fails_before_training(tmp_path, damage, message):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    over = [f"checkpoint.load={root}"]
+    if damage == "tracker":
+        (root / "latest_checkpointed_iteration.txt").write_text("ten")
+    elif damage == "missing":
+        (root / "latest_checkpointed_iteration.txt").write_text("10")
+    elif damage in ("no-metadata", "garbage"):
+        it = root / "iter_0000010"
+        it.mkdir()
+        for name in ("common.pt", ".metadata") + (("metadata.json",) if damage == "garbage"
+                                                  else ()):
+            (it / name).write_bytes(b"\x00garbage")
+    elif damage == "file":
+        (tmp_path / "f").write_text("x")
+        over = [f"checkpoint.load={tmp_path / 'f'}"]
+    else:
+        over.append("checkpoint.exit_on_missing_checkpoint=true")
+    cfg = apply_overrides(recipes.tiny_llama_pretrain(), over)
+    assert message in pretrain_error(cfg, CheckpointError)
+
+
+def test_cli_reports_bad_config_with_exit_code_2(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("train:\n  train_iters: 5\n  warmup: 3\n")
+    for args in (["--recipe", "tiny_llama_pretrain", "optimizer.lrr=1"], ["--config", str(bad)]):
+        proc = subprocess.run([sys.executable, "-m", "mbridge.train", *args],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert "did you mean optimizer.lr" in subprocess.run(
+        [sys.executable, "-m", "mbridge.train", "--recipe", "tiny_llama_pretrain",
+         "optimizer.lrr=1"], capture_output=True, text=True).stderr
+    shown = subprocess.run([sys.executable, "-m", "mbridge.train", "--recipe",
+                            "tiny_llama_pretrain", "train.train_iters=3", "--print-config"],
+                           capture_output=True, text=True, timeout=120)
+    assert config.from_text(shown.stdout).train.train_iters == 3
