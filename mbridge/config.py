@@ -109,7 +109,10 @@ def moe_kwargs(spec: ModelSpec) -> dict[str, Any]:
         moe_router_group_topk=moe.group_topk,
         moe_router_topk_scaling_factor=moe.scaling_factor,
         moe_router_dtype="fp32" if moe.router_fp32 else None,
-        moe_layer_freq=[int(moe.is_moe_layer(i)) for i in range(spec.num_layers)],
+        # an int keeps Megatron-Core's homogeneous (layer-stacked) checkpoint layout when
+        # every layer is MoE; a list (mixed dense/MoE) makes it keep per-layer keys
+        moe_layer_freq=[int(moe.is_moe_layer(i)) for i in range(spec.num_layers)]
+        if moe.dense_layers else 1,
         moe_grouped_gemm=False,
         moe_token_dispatcher_type="alltoall",
     )

@@ -7,9 +7,12 @@ variant HF supports rotates identically here.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from mbridge import config as mconfig
+from mbridge.sharding.moe_checkpoint import checkpoint_renames
 from mbridge.specs import ModelSpec, ParallelSpec
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu}
@@ -71,6 +74,13 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
     from megatron.core.models.gpt import GPTModel
 
     te = use_te if use_te is not None else have_te()
+    if spec.mla is not None and te:
+        # TE's MLA spec replicates the down-projections and fuses the latent norms into the
+        # up-projections; mbridge's MLA layouts follow the local spec (works on GPU too)
+        if use_te:
+            raise NotImplementedError("multi-latent attention with Transformer Engine's layer "
+                                      "spec is not supported yet; use use_te=False")
+        te = False
     if spec.moe is not None and te:
         config_extra.setdefault("moe_grouped_gemm", True)  # TEGroupedMLP
     cfg = transformer_config(spec, parallel, dtype, **config_extra)
@@ -100,13 +110,25 @@ def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank:
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=use_te,
                                        normalization="RMSNorm", vp_stage=vp_stage,
                                        pp_rank=pp_rank)
-    if not use_te and attention == "sdpa":
-        from mbridge.shell.fast_layers import SDPAttention
-
-        for layer in block.layer_specs:
-            layer.submodules.self_attention.submodules.core_attention = SDPAttention
-    elif not use_te and attention != "megatron":
+    if use_te:
+        return block
+    if attention not in ("sdpa", "megatron"):
         raise ValueError(f"attention={attention!r}; use 'sdpa' or 'megatron'")
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from mbridge.shell.fast_layers import SDPAttention
+
+    layers = []
+    for layer in block.layer_specs:  # the same spec object serves many layers: copy it
+        layer = copy.deepcopy(layer)
+        sub = layer.submodules
+        if attention == "sdpa":
+            sub.self_attention.submodules.core_attention = SDPAttention
+        # checkpoint names as Transformer Engine's spec writes them (sharding/moe_checkpoint)
+        sub.sharded_state_dict_keys_map = checkpoint_renames(
+            sub.mlp.module is MoELayer, cfg.multi_latent_attention)
+        layers.append(layer)
+    block.layer_specs = layers
     return block
 
 
