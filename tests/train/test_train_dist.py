@@ -28,7 +28,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "train_runs.py"
 RTOL = 1e-5
 LAYOUTS = {"dp2": "", "tp2": "model.tensor_model_parallel_size=2",
            "pp2": "model.pipeline_model_parallel_size=2",
-           "vpp2": "model.pipeline_model_parallel_size=2,"
+           "vpp2": "model.pipeline_model_parallel_size=2;"
                    "model.virtual_pipeline_model_parallel_size=2"}
 VOCAB = "model.make_vocab_size_divisible_by=32"  # 300 pads to 320 at TP=1 and TP=2 alike
 
@@ -40,17 +40,46 @@ def runs(tmp_path_factory):
     make_hf("llama", hf)
     ckpt = work / "ckpt"
     out = {}
-    ref = torchrun(SCRIPT, str(work), str(hf), f"tp1:{VOCAB}", nproc=1)
-    out.update({r["run"]: [r] for r in ref})
-    resume = f"{VOCAB},train.train_iters=20"
+    prefixes = indexed_data(work)
+    indexed = (f"indexed:{VOCAB};data.mock=false;data.blend=[{prefixes[0]}, {prefixes[1]}];"
+               "data.blend_weights=[0.7, 0.3];data.split=80,20,0;train.eval_iters=1;"
+               "train.eval_interval=5;logging.log_interval=5")
+    ref = torchrun(SCRIPT, str(work), str(hf), f"tp1:{VOCAB}", indexed, nproc=1)
+    resume = f"{VOCAB};train.train_iters=20"
     many = torchrun(SCRIPT, str(work), str(hf),
-                    *[f"{k}:{VOCAB},{v}".rstrip(",") for k, v in LAYOUTS.items()],
+                    *[f"{k}:{VOCAB};{v}".rstrip(";") for k, v in LAYOUTS.items()],
                     f"straight:{resume}",
-                    f"first-export:{resume},train.exit_interval=10,checkpoint.save={ckpt}")
-    resumed = torchrun(SCRIPT, str(work), str(hf), f"resumed:{resume},checkpoint.load={ckpt}")
-    for r in many + resumed:
+                    f"first-export:{resume};train.exit_interval=10;checkpoint.save={ckpt}")
+    resumed = torchrun(SCRIPT, str(work), str(hf), f"resumed:{resume};checkpoint.load={ckpt}")
+    for r in ref + many + resumed:
         out.setdefault(r["run"], []).append(r)
     return work, ckpt, out
+
+
+def indexed_data(work: Path) -> list[Path]:
+    """Two small corpora preprocessed with a tokenizer built here (vocabulary < 300)."""
+    from test_train_preprocess import LINES, make_tokenizer, write_jsonl
+
+    from mbridge.data_cli import preprocess
+
+    tok = make_tokenizer(work / "tok")
+    out = []
+    for k in range(2):
+        texts = [" ".join(LINES[(i + k) % 5].split()[::(-1) ** i]) for i in range(40)]
+        prefix = work / "data" / f"corpus{k}_text_document"
+        preprocess(write_jsonl(work / f"c{k}.jsonl", texts), tok, prefix, append_eod=True,
+                   progress=False)
+        out.append(prefix)
+    return out
+
+
+def test_trains_on_blended_indexed_datasets(runs):
+    work, _, out = runs
+    losses = out["indexed"][0]["losses"]
+    assert len(losses) == 10 and losses[-1] < 0.6 * losses[0]
+    logged = [json.loads(x) for x in (work / "logs-indexed" / "metrics.jsonl").open()]
+    assert [x["step"] for x in logged if "val_loss" in x] == [5, 10]
+    assert [x["step"] for x in logged if "loss" in x] == [5, 10]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

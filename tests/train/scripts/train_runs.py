@@ -3,7 +3,7 @@ trainings in one launch, each reporting its per-step losses (RESULT lines, one p
 run) and a digest of this rank's final weights.
 
 usage: train_runs.py WORK_DIR HF_DIR RUN [RUN ...]
-RUN is NAME:KEY=VALUE,KEY=VALUE (dotted run-config overrides applied to the base config of
+RUN is NAME:KEY=VALUE;KEY=VALUE (dotted run-config overrides applied to the base config of
 the test: the tiny model, fp32, 10 steps); NAME is echoed back. A run named "*-export" also
 writes the trained model through the online exporter to WORK_DIR/online-NAME (HF format),
 for the test to compare with the offline export of its checkpoint.
@@ -19,13 +19,13 @@ from mbridge import AutoBridge
 from mbridge.train import config, pretrain, recipes
 
 
-def base(work: Path, hf_dir: str) -> config.RunConfig:
+def base(work: Path, hf_dir: str, name: str) -> config.RunConfig:
     cfg = recipes.tiny_llama_pretrain(hf_path=hf_dir)
     return config.apply_overrides(cfg, [
         "train.train_iters=10", "train.global_batch_size=8", "train.micro_batch_size=2",
         "train.eval_iters=0", "scheduler.lr_warmup_iters=2", "optimizer.lr=1.0e-2",
         "logging.log_interval=1", "logging.tensorboard=false", "logging.progress_bar=false",
-        f"logging.output_dir={work}/logs", "model.make_vocab_size_divisible_by=64"])
+        f"logging.output_dir={work}/logs-{name}"])
 
 
 def digest(model) -> str:
@@ -41,7 +41,8 @@ def main() -> None:
     work, hf_dir, runs = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     for run in runs:
         name, _, overrides = run.partition(":")
-        cfg = config.apply_overrides(base(work, hf_dir), [o for o in overrides.split(",") if o])
+        cfg = config.apply_overrides(base(work, hf_dir, name),
+                                     [o for o in overrides.split(";") if o])
         losses, grad_norms = [], []
 
         def on_step(m, losses=losses, grad_norms=grad_norms):
