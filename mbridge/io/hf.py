@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mbridge.mappings.stacked import split_index
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -102,9 +104,24 @@ class HFCheckpoint:
         return self._meta_of(key)[0]
 
     def _meta_of(self, key: str):
-        if key not in self._meta:
-            raise CheckpointError(f"tensor {key!r} is missing from {self.path}")
-        return self._meta[key]
+        base, row = split_index(key)  # "name[e]": row e of a stacked tensor (mappings.stacked)
+        if base not in self._meta:
+            raise CheckpointError(f"tensor {base!r} is missing from {self.path}")
+        if row is None:
+            return self._meta[key]
+        shape, dtype = self._meta[base]
+        if not shape or row >= shape[0]:
+            raise CheckpointError(f"{key}: tensor {base!r} of shape {list(shape)} has no row "
+                                  f"{row}")
+        return shape[1:], dtype
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` (or row ``e`` for ``"name[e]"``) is stored."""
+        try:
+            self._meta_of(key)
+        except CheckpointError:
+            return False
+        return True
 
     def nbytes(self, key: str) -> int:
         """Size of tensor ``key`` in bytes, from the file header."""
@@ -120,6 +137,9 @@ class HFCheckpoint:
 
     def read(self, key: str) -> torch.Tensor:
         self._meta_of(key)
+        base, row = split_index(key)
+        if row is not None:
+            return self._read(base, (0, row, row + 1))[0]
         return self._read(key, None)
 
     def read_slices(self, key: str, dim: int, ranges, pad: int = 0) -> torch.Tensor:
