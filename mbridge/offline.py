@@ -36,6 +36,7 @@ from mbridge.io.hf_stream import HFStreamWriter
 from mbridge.io.mcore import HF_DIR, McoreReader, McoreWriter, read_hf_config, write_hf_files
 from mbridge.mappings import registry
 from mbridge.mappings.core import Mapping
+from mbridge.mappings.stacked import restack, split_index, stacked_counts
 from mbridge.sharding.dist_checkpoint import (
     checkpoint_key,
     expected_shape,
@@ -95,8 +96,8 @@ def check_hf(ckpt: HFCheckpoint, groups: tuple[Mapping, ...], spec: ModelSpec) -
     problems, needed = [], set()
     for group in groups:
         for key, shape in hf_shapes(group, spec).items():
-            needed.add(key)
-            if key not in ckpt.keys():
+            needed.add(split_index(key)[0])  # "name[e]": row e of a stacked tensor
+            if not ckpt.has(key):
                 problems.append(f"{key} is missing")
             elif ckpt.shape(key) != shape:
                 problems.append(f"{key} has shape {list(ckpt.shape(key))}, the config implies "
@@ -129,7 +130,8 @@ def import_hf(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
     Returns a summary (spec, tensors, bytes, unused HF keys)."""
     ckpt = HFCheckpoint(hf_dir)
     spec = mconfig.from_hf_config(ckpt.config)
-    groups = registry.get(spec.architecture).mapping(spec)
+    arch = registry.get(spec.architecture)
+    groups = arch.mapping(spec, **arch.options_for(ckpt.keys()))  # e.g. stacked experts
     check_supported(groups, spec)
     unused = check_hf(ckpt, groups, spec)
     _check_paths(hf_dir, mcore_dir)
@@ -141,12 +143,13 @@ def import_hf(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
         writer = McoreWriter(tmp)
         for group in groups:
             mcore = group.to_mcore({k: ckpt.read(k) for k in group.hf_keys})
-            if cast is not None:
-                mcore = {k: v.to(cast) for k, v in mcore.items()}
+            if cast is not None:  # Megatron-Core keeps the router's expert bias in fp32
+                mcore = {k: v if k.endswith("expert_bias") else v.to(cast)
+                         for k, v in mcore.items()}
             out_dtype = next(iter(mcore.values())).dtype
-            objects = dict.fromkeys(extra_state_keys(mcore, spec.num_layers))
-            written += writer.write(to_chunks(mcore, group.mcore_layouts, spec.num_layers),
-                                    objects)
+            objects = dict.fromkeys(extra_state_keys(mcore, spec.num_layers, spec))
+            written += writer.write(to_chunks(mcore, group.mcore_layouts, spec.num_layers,
+                                              spec), objects)
             del mcore
             ckpt.close()  # drop the mmaps, so pages read stay out of this process' memory
             bar.update(sum(ckpt.nbytes(k) for k in group.hf_keys))
@@ -173,7 +176,7 @@ def check_mcore(reader: McoreReader, groups: tuple[Mapping, ...], spec: ModelSpe
     problems = []
     for group in groups:
         for key, layout in group.mcore_layouts.items():
-            reg = region(key, expected_shape(spec, key), spec.num_layers)
+            reg = region(key, expected_shape(spec, key), spec.num_layers, spec)
             if reg.key not in reader.keys():
                 problems.append(f"{reg.key} is missing")
                 continue
@@ -194,7 +197,7 @@ def read_mcore_group(reader: McoreReader, group: Mapping,
     out = {}
     for key in group.mcore_keys:
         shape = expected_shape(spec, key)
-        out[key] = reader.read_region(region(key, shape, spec.num_layers)).reshape(shape)
+        out[key] = reader.read_region(region(key, shape, spec.num_layers, spec)).reshape(shape)
     return out
 
 
@@ -209,20 +212,25 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
 
     reader, cfg, spec, groups = _open_mcore(mcore_dir, hf_config)
     _check_paths(mcore_dir, hf_dir)
-    entries = []
-    for group in groups:
-        meta = {k: v.to(reader.dtype(checkpoint_key(k)[0]))
+    counts = stacked_counts(k for g in groups for k in g.hf_keys)  # rows name[e] -> name
+
+    def meta_hf(group):
+        meta = {k: v.to(reader.dtype(checkpoint_key(k, spec)[0]))
                 for k, v in _meta_mcore(group, spec, torch.float32).items()}
-        entries += [(k, tuple(v.shape), v.dtype) for k, v in group.to_hf(meta).items()]
+        return group.to_hf(meta).items()
+
+    entries = [(k, tuple(v.shape), v.dtype)
+               for k, v in restack((kv for g in groups for kv in meta_hf(g)), counts)]
     side = Path(hf_config) if hf_config is not None else Path(mcore_dir) / HF_DIR
     with atomic_dir(hf_dir, overwrite=overwrite) as tmp:
         writer = HFStreamWriter(tmp, entries, parse_size(shard_size))
         try:
             with _progress(progress, writer.total_bytes, "export") as bar:
-                for group in groups:
-                    for name, tensor in group.to_hf(read_mcore_group(reader, group, spec)).items():
-                        writer.add(name, tensor)
-                        bar.update(tensor.numel() * tensor.element_size())
+                hf = (kv for group in groups
+                      for kv in group.to_hf(read_mcore_group(reader, group, spec)).items())
+                for name, tensor in restack(hf, counts):
+                    writer.add(name, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
             writer.finish()
         finally:
             writer.close()
@@ -265,6 +273,8 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, logits: b
     if hf_spec != spec:
         report.problems.append(f"configs differ: HF {hf_spec} vs checkpoint {spec}")
         return report
+    arch = registry.get(spec.architecture)
+    groups = arch.mapping(spec, **arch.options_for(ckpt.keys()))  # read as hf_dir stores it
     check_hf(ckpt, groups, spec)
     total = sum(ckpt.nbytes(k) for g in groups for k in g.hf_keys)
     with _progress(progress, total, "verify") as bar:

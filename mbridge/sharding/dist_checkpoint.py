@@ -21,6 +21,10 @@ at whatever layout the model was built with:
   them padded, and readers take the first ``vocab_size`` rows.
 - Each linear layer of each decoder layer has an ``_extra_state`` object (``None`` without
   FP8) named ``decoder.layers.<module>._extra_state/shard_{i}_{num_layers}``.
+
+Mixture-of-experts, multi-latent-attention and GPT-OSS models (their tensors, expert axes,
+per-layer keys for mixed dense/MoE layers) follow ``mbridge.sharding.moe_checkpoint``:
+pass ``spec=`` to the functions below.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from mbridge.mappings.core import te_key
+from mbridge.sharding import moe_checkpoint
 from mbridge.sharding.layout import Layout
 from mbridge.specs import ModelSpec, Spec
 
@@ -47,10 +52,15 @@ class Region(Spec, frozen=True, kw_only=True):
     shape: tuple[int, ...]
 
 
-def checkpoint_key(mcore_key: str) -> tuple[str, int | None]:
+def checkpoint_key(mcore_key: str, spec: ModelSpec | None = None) -> tuple[str, int | None]:
     """``"decoder.layers.3.input_layernorm.weight"`` ->
     ``("decoder.layers.self_attention.linear_qkv.layer_norm_weight", 3)``; keys outside the
-    layers map to themselves with layer ``None``."""
+    layers map to themselves with layer ``None``. With ``spec`` (MoE, MLA, GPT-OSS models)
+    the key follows ``moe_checkpoint``."""
+    if spec is not None and moe_checkpoint.applies(spec):
+        key = moe_checkpoint.placement(mcore_key, spec)[0]
+        match = _LAYER.match(mcore_key)
+        return key, int(match.group(1)) if match else None
     match = _LAYER.match(mcore_key)
     if not match:
         return mcore_key, None
@@ -58,13 +68,18 @@ def checkpoint_key(mcore_key: str) -> tuple[str, int | None]:
     return te_key("decoder.layers." + rest), layer
 
 
-def region(mcore_key: str, shape: tuple[int, ...], num_layers: int) -> Region:
+def region(mcore_key: str, shape: tuple[int, ...], num_layers: int,
+           spec: ModelSpec | None = None) -> Region:
     """The box that mcore tensor ``mcore_key`` of ``shape`` fills in the checkpoint.
     ``("decoder.layers.1.mlp.linear_fc2.weight", (8, 16), 4)`` ->
     ``Region(key="decoder.layers.mlp.linear_fc2.weight", global_shape=(4, 8, 16),
     offset=(1, 0, 0), shape=(1, 8, 16))``."""
-    key, layer = checkpoint_key(mcore_key)
     shape = tuple(shape)
+    if spec is not None and moe_checkpoint.applies(spec):
+        key, offsets, sizes = moe_checkpoint.placement(mcore_key, spec)
+        return Region(key=key, global_shape=sizes + shape,
+                      offset=offsets + (0,) * len(shape), shape=(1,) * len(sizes) + shape)
+    key, layer = checkpoint_key(mcore_key)
     if layer is None:
         return Region(key=key, global_shape=shape, offset=(0,) * len(shape), shape=shape)
     if not 0 <= layer < num_layers:
@@ -74,10 +89,10 @@ def region(mcore_key: str, shape: tuple[int, ...], num_layers: int) -> Region:
 
 
 def pieces(mcore_key: str, shape: tuple[int, ...], layout: Layout,
-           num_layers: int) -> tuple[Region, ...]:
+           num_layers: int, spec: ModelSpec | None = None) -> tuple[Region, ...]:
     """The chunks Megatron-Core writes for one mcore tensor: its region, split into
     ``layout.parts`` equal parts along the split dim for fused tensors (gated fc1)."""
-    whole = region(mcore_key, shape, num_layers)
+    whole = region(mcore_key, shape, num_layers, spec)
     if layout.parts == 1 or layout.dim is None:
         return (whole,)
     axis = layout.dim + len(whole.shape) - len(shape)
@@ -92,12 +107,12 @@ def _bump(values: tuple[int, ...], axis: int, delta: int) -> tuple[int, ...]:
 
 
 def to_chunks(tree: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout],
-              num_layers: int) -> list[tuple[Region, torch.Tensor]]:
+              num_layers: int, spec: ModelSpec | None = None) -> list[tuple[Region, torch.Tensor]]:
     """Split an mcore tree (global, unpadded tensors) into checkpoint chunks; each chunk is a
     view of its tensor shaped as its region."""
     out = []
     for key, tensor in tree.items():
-        for piece in pieces(key, tuple(tensor.shape), layouts[key], num_layers):
+        for piece in pieces(key, tuple(tensor.shape), layouts[key], num_layers, spec):
             lead = len(piece.shape) - tensor.dim()
             view = tensor.reshape(piece.shape[:lead] + tuple(tensor.shape))
             for axis in range(lead, len(piece.shape)):
@@ -106,10 +121,14 @@ def to_chunks(tree: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout],
     return out
 
 
-def extra_state_keys(mcore_keys: Iterable[str], num_layers: int) -> tuple[str, ...]:
+def extra_state_keys(mcore_keys: Iterable[str], num_layers: int,
+                     spec: ModelSpec | None = None) -> tuple[str, ...]:
     """Object keys of the ``_extra_state`` of every linear layer among ``mcore_keys``.
     ``["decoder.layers.2.mlp.linear_fc2.weight"], 4`` ->
     ``("decoder.layers.mlp.linear_fc2._extra_state/shard_2_4",)``."""
+    if spec is not None and moe_checkpoint.applies(spec):
+        keys = (moe_checkpoint.extra_state_key(k, spec) for k in mcore_keys)
+        return tuple(k for k in keys if k is not None)
     out = []
     for mcore_key in mcore_keys:
         match = _LAYER.match(mcore_key)
@@ -149,6 +168,8 @@ def mcore_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 def expected_shape(spec: ModelSpec, mcore_key: str) -> tuple[int, ...]:
     """``mcore_shapes`` for one concrete key (``decoder.layers.3.x`` looks up ``{i}``)."""
+    if moe_checkpoint.applies(spec) and _LAYER.match(mcore_key):
+        return moe_checkpoint.expected_shape(spec, mcore_key)
     match = _LAYER.match(mcore_key)
     template = f"decoder.layers.{{i}}.{match.group(2)}" if match else mcore_key
     shapes = mcore_shapes(spec)

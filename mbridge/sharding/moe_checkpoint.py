@@ -80,3 +80,99 @@ def placement(mcore_key: str, spec: ModelSpec) -> tuple[str, tuple[int, ...], tu
         offsets, sizes = offsets + (expert,), sizes + (spec.moe.num_experts,)
     prefix = "decoder.layers." if homogeneous(spec) else f"decoder.layers.{layer}."
     return prefix + name, offsets, sizes
+
+
+def applies(spec: ModelSpec) -> bool:
+    """Whether ``spec`` has tensors beyond the dense decoder's (handled here)."""
+    return (spec.moe is not None or spec.mla is not None or spec.linear_bias
+            or spec.attention_sinks)
+
+
+def attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's attention tensors (local-spec names, TP=1)."""
+    h, heads, d = spec.hidden_size, spec.num_heads, spec.head_dim
+    a = "self_attention."
+    if spec.mla is not None:
+        m = spec.mla
+        q_dim = heads * (m.qk_head_dim + m.qk_rope_head_dim)
+        out = {a + "linear_kv_down_proj.weight": (m.kv_lora_rank + m.qk_rope_head_dim, h),
+               a + "kv_layernorm.weight": (m.kv_lora_rank,),
+               a + "linear_kv_up_proj.weight": (heads * (m.qk_head_dim + m.v_head_dim),
+                                                 m.kv_lora_rank),
+               a + "linear_proj.weight": (h, heads * m.v_head_dim)}
+        if m.q_lora_rank is None:
+            out[a + "linear_q_proj.weight"] = (q_dim, h)
+        else:
+            out.update({a + "linear_q_down_proj.weight": (m.q_lora_rank, h),
+                        a + "q_layernorm.weight": (m.q_lora_rank,),
+                        a + "linear_q_up_proj.weight": (q_dim, m.q_lora_rank)})
+        return out
+    qkv = (heads + 2 * spec.num_kv_heads) * d
+    out = {a + "linear_qkv.weight": (qkv, h), a + "linear_proj.weight": (h, heads * d)}
+    if spec.qkv_bias or spec.linear_bias:
+        out[a + "linear_qkv.bias"] = (qkv,)
+    if spec.linear_bias:
+        out[a + "linear_proj.bias"] = (h,)
+    if spec.qk_norm:
+        out.update({a + "q_layernorm.weight": (d,), a + "k_layernorm.weight": (d,)})
+    if spec.attention_sinks:
+        out[a + "core_attention.softmax_offset"] = (heads,)
+    return out
+
+
+def mlp_shapes(prefix: str, ffn: int, hidden: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    fc1, fc2 = prefix + "linear_fc1.", prefix + "linear_fc2."
+    out = {fc1 + "weight": (2 * ffn, hidden), fc2 + "weight": (hidden, ffn)}
+    if bias:
+        out.update({fc1 + "bias": (2 * ffn,), fc2 + "bias": (hidden,)})
+    return out
+
+
+def layer_shapes(spec: ModelSpec, layer: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of decoder layer ``layer`` (local-spec names, experts as ``{e}``, TP=1)."""
+    h, moe = spec.hidden_size, spec.moe
+    out = {"input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
+           **attention_shapes(spec)}
+    if moe is None or not moe.is_moe_layer(layer):
+        return {**out, **mlp_shapes("mlp.", spec.ffn_hidden_size, h, spec.linear_bias)}
+    out["mlp.router.weight"] = (moe.num_experts, h)
+    if spec.linear_bias:
+        out["mlp.router.bias"] = (moe.num_experts,)
+    if moe.expert_bias:
+        out["mlp.router.expert_bias"] = (moe.num_experts,)
+    out.update(mlp_shapes("mlp.experts.local_experts.{e}.", moe.ffn_hidden_size, h,
+                          spec.linear_bias))
+    if moe.shared_ffn_hidden_size:
+        out.update(mlp_shapes("mlp.shared_experts.", moe.shared_ffn_hidden_size, h, False))
+        if moe.shared_gate:
+            out["mlp.shared_experts.gate_weight"] = (1, h)
+    return out
+
+
+def expected_shape(spec: ModelSpec, mcore_key: str) -> tuple[int, ...] | None:
+    """The shape of a layer tensor ``mcore_key``, or None for keys outside the layers;
+    KeyError if the layer has no such tensor."""
+    match = _LAYER.match(mcore_key)
+    if not match:
+        return None
+    layer, name = int(match.group(1)), match.group(2)
+    template = re.sub(r"^mlp\.experts\.local_experts\.\d+\.", "mlp.experts.local_experts.{e}.",
+                      name)
+    shapes = layer_shapes(spec, layer)
+    if template not in shapes:
+        raise KeyError(f"{mcore_key} is not a tensor of a {spec.architecture} model")
+    return shapes[template]
+
+
+def extra_state_key(mcore_key: str, spec: ModelSpec) -> str | None:
+    """The ``_extra_state`` object key of the linear layer whose weight is ``mcore_key``
+    (Megatron-Core's ``ShardedObject.unique_key``: offsets and sizes joined by dots), or None."""
+    if not mcore_key.endswith(".weight") or not _LAYER.match(mcore_key):
+        return None
+    module = mcore_key[: -len(".weight")]
+    if not module.rsplit(".", 1)[-1].startswith("linear_"):
+        return None
+    key, offsets, sizes = placement(module + ".weight", spec)
+    key = key[: -len(".weight")] + "._extra_state"
+    offsets, sizes = offsets or (0,), sizes or (1,)
+    return f"{key}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, sizes))}"
