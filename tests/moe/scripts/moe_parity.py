@@ -6,8 +6,12 @@ which experts this rank read from disk. Prints one RESULT line per rank and pair
 usage: moe_parity.py OUT_DIR JOB [-- JOB ...]
 JOB is LAYOUT[;LAYOUT...] MODEL_DIR[@EXPECTED_DIR] [...]; LAYOUT is comma-separated provider
 settings, e.g. "ep=2" or "tp=2,etp=2" or "pp=2,ep=2".
-EXPECTED_DIR (default MODEL_DIR) holds the tensors the export must reproduce bit for bit:
-a model given with stacked experts exports the per-expert form ``save_pretrained`` writes.
+EXPECTED_DIR (default MODEL_DIR) holds the HF model whose logits and tensors the import must
+reproduce bit for bit: a model given with stacked experts exports the per-expert form
+``save_pretrained`` writes. MODEL_DIR may also be a distributed checkpoint (``mbridge
+convert import`` wrote it): it is loaded with ``AutoBridge.from_mcore_checkpoint``, and the
+loaded model is saved again with Megatron-Core's own ``dist_checkpointing.save`` to
+OUT_DIR/megatron-<name>-<layout> for the test to export.
 """
 
 import re
@@ -64,8 +68,18 @@ def experts_read(seen: set, layer: int) -> list[int]:
     return sorted(out)
 
 
+def megatron_save(model, directory: Path) -> None:
+    """Save as training does: the model's sharded state dict under "model"."""
+    from megatron.core import dist_checkpointing
+
+    directory.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save({"model": model[0].sharded_state_dict()}, str(directory))
+
+
 def check(layout: str, model_dir: Path, expected_dir: Path, out_root: Path) -> dict:
-    bridge = AutoBridge.from_hf_pretrained(model_dir)
+    mcore = (model_dir / "mbridge.json").is_file()
+    bridge = (AutoBridge.from_mcore_checkpoint(model_dir) if mcore
+              else AutoBridge.from_hf_pretrained(model_dir))
     provider = bridge.to_megatron_provider()
     for item in layout.split(","):
         key, value = item.split("=")
@@ -75,15 +89,18 @@ def check(layout: str, model_dir: Path, expected_dir: Path, out_root: Path) -> d
         provider.finalize()
     except ValueError as e:  # the layout cannot host the model: report the message
         return dict(base, error=str(e))
-    seen = record_reads(bridge.checkpoint)
+    seen = set() if mcore else record_reads(bridge.checkpoint)
     model = provider.provide_distributed_model()
     for chunk in model:
         chunk.eval()  # Megatron's MoE refuses TP without sequence parallel only in training
     spec = bridge.spec
     ids = sample_ids(spec.vocab_size, seq=12)
     got = forward.logits(model, ids, provider.parallel_spec(), spec.vocab_size, spec.hidden_size)
-    diff = (got - hf_logits(model_dir, ids)).abs().max().item()
-    out_dir = out_root / f"{model_dir.name}-{layout.replace(',', '_').replace('=', '')}"
+    diff = (got - hf_logits(expected_dir, ids)).abs().max().item()
+    tag = f"{model_dir.name}-{layout.replace(',', '_').replace('=', '')}"
+    if mcore and provider.pipeline_model_parallel_size == 1:
+        megatron_save(model, out_root / f"megatron-{tag}")
+    out_dir = out_root / tag
     bridge.save_hf_pretrained(model, out_dir, shard_size="200KB")
     src, dst = tensors(expected_dir), tensors(out_dir)
     exact = src.keys() == dst.keys() and all(
