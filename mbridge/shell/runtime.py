@@ -72,6 +72,7 @@ class MegatronRuntime:
         self._bind_sync_funcs()
         with cuda_as_cpu():
             self.optimizer = self._build_optimizer(dtype)
+        self.config.grad_scale_func = self.optimizer.scale_loss  # fp16 loss scaling
 
     def _ddp_config(self):
         from megatron.core.distributed import DistributedDataParallelConfig

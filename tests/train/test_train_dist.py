@@ -44,7 +44,9 @@ def runs(tmp_path_factory):
     indexed = (f"indexed:{VOCAB};data.mock=false;data.blend=[{prefixes[0]}, {prefixes[1]}];"
                "data.blend_weights=[0.7, 0.3];data.split=80,20,0;train.eval_iters=1;"
                "train.eval_interval=5;logging.log_interval=5")
-    ref = torchrun(SCRIPT, str(work), str(hf), f"tp1:{VOCAB}", indexed, nproc=1)
+    ref = torchrun(SCRIPT, str(work), str(hf), f"tp1:{VOCAB}", indexed,
+                   f"bf16:{VOCAB};mixed_precision=bf16_mixed",
+                   f"fp16:{VOCAB};mixed_precision=fp16_mixed;train.train_iters=30", nproc=1)
     resume = f"{VOCAB};train.train_iters=20"
     many = torchrun(SCRIPT, str(work), str(hf),
                     *[f"{k}:{VOCAB};{v}".rstrip(";") for k, v in LAYOUTS.items()],
@@ -80,6 +82,19 @@ def test_trains_on_blended_indexed_datasets(runs):
     logged = [json.loads(x) for x in (work / "logs-indexed" / "metrics.jsonl").open()]
     assert [x["step"] for x in logged if "val_loss" in x] == [5, 10]
     assert [x["step"] for x in logged if "loss" in x] == [5, 10]
+
+
+def test_mixed_precision(runs):
+    """bf16 params with fp32 master weights track fp32 (bf16 rounding: ~1e-2); fp16 skips the
+    steps whose scaled gradients overflow while Megatron's dynamic loss scale comes down from
+    2**32 (more than 20 steps here), then its updates lower the loss."""
+    _, _, out = runs
+    ref, bf16, fp16 = (out[k][0] for k in ("tp1", "bf16", "fp16"))
+    assert bf16["losses"] == pytest.approx(ref["losses"], rel=3e-2)
+    assert not any(bf16["skipped"])
+    assert fp16["skipped"][0] and not all(fp16["skipped"]), fp16["skipped"]
+    applied = [loss for loss, skip in zip(fp16["losses"], fp16["skipped"]) if not skip]
+    assert applied[-1] < applied[0] - 0.2, (fp16["losses"], fp16["skipped"])
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

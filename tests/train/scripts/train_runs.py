@@ -13,6 +13,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+import torch
 from dist_util import report
 
 from mbridge import AutoBridge
@@ -33,7 +34,7 @@ def digest(model) -> str:
     for chunk in model:
         for name, p in sorted(chunk.named_parameters()):
             h.update(name.encode())
-            h.update(p.detach().contiguous().cpu().numpy().tobytes())
+            h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -43,17 +44,18 @@ def main() -> None:
         name, _, overrides = run.partition(":")
         cfg = config.apply_overrides(base(work, hf_dir, name),
                                      [o for o in overrides.split(";") if o])
-        losses, grad_norms = [], []
+        losses, grad_norms, skipped = [], [], []
 
-        def on_step(m, losses=losses, grad_norms=grad_norms):
+        def on_step(m, losses=losses, grad_norms=grad_norms, skipped=skipped):
             losses.append(m.loss)
             grad_norms.append(m.grad_norm)
+            skipped.append(m.skipped)
 
         state = pretrain(cfg, on_step=on_step)
         if name.endswith("-export"):
             bridge = AutoBridge.from_hf_pretrained(hf_dir)
             bridge.save_hf_pretrained(state.model, work / f"online-{name}")
-        report(run=name, losses=losses, grad_norms=grad_norms, step=state.step,
+        report(run=name, losses=losses, grad_norms=grad_norms, skipped=skipped, step=state.step,
                consumed=state.consumed_samples, digest=digest(state.model))
 
 
