@@ -171,3 +171,12 @@ def test_cli_reports_bad_config_with_exit_code_2(tmp_path):
                             "tiny_llama_pretrain", "train.train_iters=3", "--print-config"],
                            capture_output=True, text=True, timeout=120)
     assert config.from_text(shown.stdout).train.train_iters == 3
+
+
+def test_wandb_asked_for_but_missing_fails_before_training():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: nothing is missing")
+    cfg = apply_overrides(recipes.tiny_llama_pretrain(), ["logging.wandb_project=p"])
+    assert "wandb is not installed" in pretrain_error(cfg)
