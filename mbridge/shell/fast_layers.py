@@ -63,3 +63,35 @@ def fast_local_spec(qk_layernorm: bool):
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy ``[s, b]`` of logits ``[s, b, V]`` (any float dtype) against
+    labels ``[s, b]``, accumulated in float32. Under ``torch.compile`` the upcast, the
+    log-sum-exp and the gather fuse into one pass over the bf16 logits, and the backward
+    recomputes the softmax from them: no float32 copy of the ``[tokens, vocab]`` logits is
+    ever stored (Megatron-Core's local cross entropy keeps one, about 2 GiB per 4096 tokens
+    at a 128k vocabulary)."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1) - picked
+
+
+_compiled_ce = None
+
+
+def use_fused_cross_entropy(model, compile_: bool = True) -> None:
+    """Make a tensor-parallel-size-1 ``GPTModel`` compute its loss with
+    ``token_cross_entropy`` (compiled unless ``compile_`` is False). Larger TP keeps
+    Megatron-Core's vocab-parallel cross entropy, which needs its collectives."""
+    global _compiled_ce
+    if model.config.tensor_model_parallel_size != 1:
+        raise ValueError("the fused cross entropy needs tensor_model_parallel_size == 1")
+    if compile_ and _compiled_ce is None:
+        _compiled_ce = torch.compile(token_cross_entropy, dynamic=False)
+    fn = _compiled_ce if compile_ else token_cross_entropy
+
+    def compute_language_model_loss(labels, logits):
+        return fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+    model.compute_language_model_loss = compute_language_model_loss
