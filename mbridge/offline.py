@@ -148,8 +148,7 @@ def import_hf(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
                          for k, v in mcore.items()}
             out_dtype = next(iter(mcore.values())).dtype
             objects = dict.fromkeys(extra_state_keys(mcore, spec.num_layers, spec))
-            written += writer.write(to_chunks(mcore, group.mcore_layouts, spec.num_layers,
-                                              spec), objects)
+            written += writer.write(to_chunks(mcore, spec.num_layers, spec), objects)
             del mcore
             ckpt.close()  # drop the mmaps, so pages read stay out of this process' memory
             bar.update(sum(ckpt.nbytes(k) for k in group.hf_keys))

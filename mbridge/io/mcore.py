@@ -9,7 +9,9 @@ A checkpoint directory holds what ``megatron.core.dist_checkpointing.save`` writ
     common.pt        torch.save of the non-sharded part of the state dict ({} for a model)
     .metadata        pickled ``torch.distributed.checkpoint.Metadata``: for every key its
                      global shape, dtype and chunks, and the file, offset and length of each
-    __0_<n>_0.distcp the chunks: each one ``torch.save``d, one file per ``write`` call
+    __0_<n>.distcp   the chunks, each one ``torch.save``d at a page-aligned offset; one
+                     file per ``write`` call (Megatron-Core names its files
+                     ``__<rank>_<k>.distcp``; readers go by ``.metadata``)
 
 and, written by mbridge so that export needs nothing else::
 
@@ -18,12 +20,12 @@ and, written by mbridge so that export needs nothing else::
 
 Bounded memory: ``McoreWriter.write`` writes its chunks to a new file at once and keeps only
 their metadata, so a whole model is written one layer group at a time; ``finish`` writes the
-index (``.metadata``) covering every file.
+index (``.metadata``) covering every file. ``McoreReader`` memory-maps chunks it can (see
+``torch_record``), so reading costs no copy.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -41,16 +43,11 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import (
-    LoadPlan,
-    SavePlan,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.storage import WriteResult
 
 from mbridge.io.hf import CheckpointError, copy_side_files
+from mbridge.io.torch_record import Window, map_record
 from mbridge.sharding.dist_checkpoint import Region
 
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -59,58 +56,74 @@ HF_DIR = "hf"
 INFO = "mbridge.json"
 
 
-class _Source:
-    """The planner half that ``FileSystemWriter.write_data`` asks for each item's data."""
+ALIGN = 4096  # each record starts page-aligned, so its data (64-aligned inside) can be mapped
 
-    def __init__(self, data: dict[MetadataIndex, Any]):
-        self.data = data
 
-    def resolve_data(self, item: WriteItem):
-        return self.data[item.index]
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as a tensor whose storage is exactly its bytes (``torch.save`` writes
+    whole storages, so a view would drag its base along)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    storage = tensor.untyped_storage()
+    if storage.size() == nbytes:
+        return tensor
+    start = tensor.storage_offset() * tensor.element_size()
+    alias = torch.empty(0, dtype=tensor.dtype)
+    return alias.set_(storage[start:start + nbytes], 0, tensor.shape, tensor.stride())
 
 
 class McoreWriter:
     """Writes a ``torch_dist`` checkpoint into ``directory`` (empty, e.g. from ``atomic_dir``)
-    chunk group by chunk group; ``finish()`` writes the metadata that makes it loadable."""
+    chunk group by chunk group; ``finish()`` writes the metadata that makes it loadable.
+
+    Records are laid out as ``FileSystemWriter`` lays them out (one ``torch.save`` archive
+    per chunk, ``torch.save([obj])`` per object), each at a page-aligned offset."""
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
-        # fsync would dominate on page-cache-backed disks; atomicity comes from atomic_dir.
-        self._fs = FileSystemWriter(self.dir, sync_files=False, thread_count=1)
         self._tensors: dict[str, TensorStorageMetadata] = {}
         self._objects: dict[str, BytesStorageMetadata] = {}
-        self._results: list = []
-        self._calls = 0
+        self._results: list[WriteResult] = []
+        self._files = 0
 
     def write(self, chunks: Sequence[tuple[Region, torch.Tensor]],
               objects: Mapping[str, Any] | None = None) -> int:
         """Write ``chunks`` (each tensor shaped as its region) and ``objects`` (stored as
-        Megatron-Core stores ShardedObjects: ``torch.save([obj])``) to one new file.
-        Returns the bytes of tensor data written."""
-        items, data, nbytes = [], {}, 0
+        Megatron-Core stores ShardedObjects) to one new file, at once. Returns the bytes of
+        tensor data written. fsync is left out (it would dominate on page-cache-backed
+        disks); atomicity comes from ``atomic_dir``."""
+        records: list[tuple[MetadataIndex, Any]] = []
+        nbytes = 0
         for reg, tensor in chunks:
             if tuple(tensor.shape) != reg.shape:
                 raise ValueError(f"chunk of {reg.key} has shape {list(tensor.shape)}, "
                                  f"its region {list(reg.shape)}")
-            index = MetadataIndex(reg.key, torch.Size(reg.offset))
             props = TensorProperties.create_from_tensor(tensor)
-            chunk = ChunkStorageMetadata(torch.Size(reg.offset), torch.Size(reg.shape))
-            self._tensor_md(reg, props).chunks.append(chunk)
-            items.append(WriteItem(index=index, type=WriteItemType.SHARD,
-                                   tensor_data=TensorWriteData(chunk, props,
-                                                               torch.Size(reg.global_shape))))
-            data[index] = tensor.detach().contiguous()
+            self._tensor_md(reg, props).chunks.append(
+                ChunkStorageMetadata(torch.Size(reg.offset), torch.Size(reg.shape)))
+            records.append((MetadataIndex(reg.key, torch.Size(reg.offset)),
+                            _own_storage(tensor.detach().contiguous())))
             nbytes += tensor.numel() * tensor.element_size()
         for key, obj in (objects or {}).items():
-            buffer = io.BytesIO()
-            torch.save([obj], buffer)
-            index = MetadataIndex(key)
-            items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
-            data[index] = buffer
             self._objects[key] = BytesStorageMetadata()
-        plan = SavePlan(items, storage_data=_StoragePrefix(f"__0_{self._calls}_"))
-        self._calls += 1
-        self._results += self._fs.write_data(plan, _Source(data)).wait()
+            records.append((MetadataIndex(key), [obj]))
+        name = f"__0_{self._files}.distcp"
+        self._files += 1
+        # torch.load does not check a record's zip CRC32, and computing it costs about a
+        # tenth of the write.
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with open(self.dir / name, "wb") as f:
+                for index, value in records:
+                    f.write(bytes(-f.tell() % ALIGN))
+                    offset = f.tell()
+                    torch.save(value, f)
+                    length = f.tell() - offset
+                    self._results.append(WriteResult(index=index, size_in_bytes=length,
+                                                     storage_data=_StorageInfo(name, offset,
+                                                                               length)))
+        finally:
+            torch.serialization.set_crc32_options(crc)
         return nbytes
 
     def _tensor_md(self, reg: Region, props: TensorProperties) -> TensorStorageMetadata:
@@ -123,27 +136,18 @@ class McoreWriter:
         return md
 
     def finish(self, common: dict | None = None) -> None:
-        """Write ``.metadata``, ``metadata.json`` and ``common.pt``."""
+        """Write ``.metadata`` (through ``FileSystemWriter.finish``, which stamps the DCP
+        version), ``metadata.json`` and ``common.pt``."""
         metadata = Metadata(state_dict_metadata={**self._tensors, **self._objects})
-        self._fs.finish(metadata, [self._results])
+        FileSystemWriter(self.dir, sync_files=False).finish(metadata, [self._results])
         (self.dir / "metadata.json").write_text(json.dumps(BACKEND))
         torch.save(common or {}, self.dir / "common.pt")
 
 
-class _Target:
-    """The planner half that ``FileSystemReader.read_data`` copies each read into."""
-
-    def __init__(self, out: torch.Tensor):
-        self.out = out
-
-    def resolve_tensor(self, item):
-        view = self.out
-        for axis, (lo, n) in enumerate(zip(item.dest_offsets, item.lengths)):
-            view = view.narrow(axis, lo, n)
-        return view
-
-    def commit_tensor(self, item, tensor) -> None:
-        pass
+def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    for axis, (lo, n) in enumerate(zip(offsets, lengths)):
+        tensor = tensor.narrow(axis, lo, n)
+    return tensor
 
 
 class McoreReader:
@@ -164,22 +168,27 @@ class McoreReader:
         if backend != "torch_dist":
             raise CheckpointError(f"{self.path} has sharded_backend={backend!r}; only "
                                   "torch_dist checkpoints can be read")
-        self._reader = FileSystemReader(self.path)
         try:
-            self.metadata: Metadata = self._reader.read_metadata()
+            self.metadata: Metadata = FileSystemReader(self.path).read_metadata()
         except Exception as e:  # pickle and file errors alike
             raise CheckpointError(f"cannot read {self.path / '.metadata'}: {e}") from None
-        self._reader.set_up_storage_reader(self.metadata, True)
         self._check_files()
 
     def _check_files(self) -> None:
         root = self.path.resolve()
-        for name in {info.relative_path for info in self.metadata.storage_data.values()}:
+        ends: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0),
+                                           info.offset + info.length)
+        for name, end in ends.items():
             target = (self.path / name).resolve()
             if root not in target.parents:
                 raise CheckpointError(f"{self.path} metadata names {name!r}, outside the directory")
             if not target.is_file():
                 raise CheckpointError(f"{self.path} metadata names {name!r}, which does not exist")
+            if target.stat().st_size < end:
+                raise CheckpointError(f"{target} is truncated: {target.stat().st_size} bytes, "
+                                      f"the metadata needs {end}")
 
     def keys(self) -> tuple[str, ...]:
         """Tensor keys (objects and non-tensor entries left out)."""
@@ -204,18 +213,37 @@ class McoreReader:
         if any(o < 0 or o + n > s for o, n, s in zip(offset, shape, md.size, strict=True)):
             raise CheckpointError(f"box {list(offset)}+{list(shape)} is outside {key!r} of "
                                   f"shape {list(md.size)} in {self.path}")
-        out = torch.empty(tuple(shape), dtype=md.properties.dtype)
         want = ChunkStorageMetadata(torch.Size(offset), torch.Size(shape))
         items = create_read_items_for_chunk_list(key, md, [want])
         covered = sum(torch.Size(item.lengths).numel() for item in items)
-        if covered != out.numel():
-            raise CheckpointError(f"{self.path} holds only {covered} of the {out.numel()} "
-                                  f"elements of {key!r} at {list(offset)}+{list(shape)}")
+        if covered != torch.Size(shape).numel():
+            raise CheckpointError(f"{self.path} holds only {covered} of the "
+                                  f"{torch.Size(shape).numel()} elements of {key!r} at "
+                                  f"{list(offset)}+{list(shape)}")
+        if any(self.metadata.storage_data[i.storage_index].transform_descriptors for i in items):
+            raise CheckpointError(f"{self.path} stores {key!r} with stream transforms "
+                                  "(e.g. compression), which mbridge cannot read")
         try:
-            self._reader.read_data(LoadPlan(items), _Target(out)).wait()
+            if len(items) == 1:  # one stored chunk holds the box: no copy
+                return self._load_chunk(items[0])
+            out = torch.empty(tuple(shape), dtype=md.properties.dtype)
+            for item in items:  # chunks written at another layout: assemble
+                _narrow(out, item.dest_offsets, item.lengths).copy_(self._load_chunk(item))
+            return out
         except Exception as e:  # truncated or corrupt data files
             raise CheckpointError(f"cannot read {key!r} from {self.path}: {e}") from None
-        return out
+
+    def _load_chunk(self, item) -> torch.Tensor:
+        """The stored chunk ``item`` reads, narrowed to the item: memory-mapped when
+        ``map_record`` can, else ``torch.load``ed (``FileSystemReader``'s own steps minus the
+        copy into a destination tensor)."""
+        info = self.metadata.storage_data[item.storage_index]
+        with open(self.path / info.relative_path, "rb") as stream:
+            chunk = map_record(stream, info.offset, info.length)
+            if chunk is None:
+                chunk = torch.load(Window(stream, info.offset, info.length), map_location="cpu",
+                                   weights_only=True)
+        return _narrow(chunk, item.storage_offsets, item.lengths)
 
     def read_region(self, reg: Region) -> torch.Tensor:
         return self.read(reg.key, reg.offset, reg.shape)

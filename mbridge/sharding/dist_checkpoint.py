@@ -11,8 +11,11 @@ at whatever layout the model was built with:
   Engine's names (``core.te_key``): ``input_layernorm.weight`` is
   ``self_attention.linear_qkv.layer_norm_weight``, ``pre_mlp_layernorm.weight`` is
   ``mlp.linear_fc1.layer_norm_weight``.
-- The gated ``linear_fc1`` ``[2 * ffn, hidden]`` (``[gate; up]``) is two ``[1, ffn, hidden]``
-  chunks at rows 0 and ffn, as Megatron-Core's swiglu ``ShardedTensorFactory`` writes it.
+- The gated ``linear_fc1`` ``[2 * ffn, hidden]`` is ``[gate; up]`` at every TP: Megatron-Core's
+  swiglu ``ShardedTensorFactory`` places each rank's gate and up rows there, as two chunks
+  (``pieces``). mbridge writes one chunk per tensor and layer (``to_chunks``); readers
+  assemble any chunking (``torch.distributed.checkpoint`` reads the chunks that overlap what
+  is asked), so both load at any layout.
 - ``embedding.word_embeddings.weight``, ``output_layer.weight`` (untied only) and
   ``decoder.final_layernorm.weight`` keep their names and shapes. Vocabulary tensors are
   stored unpadded, ``[vocab_size, hidden]``: Megatron-Core marks them
@@ -106,18 +109,15 @@ def _bump(values: tuple[int, ...], axis: int, delta: int) -> tuple[int, ...]:
     return tuple(v + delta if a == axis else v for a, v in enumerate(values))
 
 
-def to_chunks(tree: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout],
-              num_layers: int, spec: ModelSpec | None = None) -> list[tuple[Region, torch.Tensor]]:
-    """Split an mcore tree (global, unpadded tensors) into checkpoint chunks; each chunk is a
-    view of its tensor shaped as its region."""
+def to_chunks(tree: Mapping[str, torch.Tensor], num_layers: int,
+              spec: ModelSpec | None = None) -> list[tuple[Region, torch.Tensor]]:
+    """An mcore tree (global, unpadded tensors) as checkpoint chunks, one per tensor: the
+    tensor viewed as its region (``[1, *shape]`` for a layer tensor). One chunk, not
+    Megatron-Core's gate/up ``pieces``, so a reader maps it without assembling a copy."""
     out = []
     for key, tensor in tree.items():
-        for piece in pieces(key, tuple(tensor.shape), layouts[key], num_layers, spec):
-            lead = len(piece.shape) - tensor.dim()
-            view = tensor.reshape(piece.shape[:lead] + tuple(tensor.shape))
-            for axis in range(lead, len(piece.shape)):
-                view = view.narrow(axis, piece.offset[axis], piece.shape[axis])
-            out.append((piece, view))
+        reg = region(key, tuple(tensor.shape), num_layers, spec)
+        out.append((reg, tensor.reshape(reg.shape)))
     return out
 
 

@@ -177,9 +177,15 @@ def test_export_bad_input_and_existing_output(dense_models, tmp_path, capsys):
     cases["other model's config"] = ["--mcore", str(tmp_path / "mc"), "--hf-config",
                                      str(dense_models["qwen3"])]
     shutil.copytree(tmp_path / "mc", tmp_path / "cut")
-    last = max((tmp_path / "cut").glob("*.distcp"), key=lambda p: int(p.name.split("_")[3]))
-    last.write_bytes(last.read_bytes()[:-64])  # fails after the first shards are written
-    cases["truncated data file"] = ["--mcore", str(tmp_path / "cut"), "--shard-size", "60KB"]
+    last = max((tmp_path / "cut").glob("*.distcp"), key=lambda p: int(p.stem.split("_")[-1]))
+    last.write_bytes(last.read_bytes()[:-64])
+    cases["truncated data file"] = ["--mcore", str(tmp_path / "cut")]
+    shutil.copytree(tmp_path / "mc", tmp_path / "bad")
+    last = max((tmp_path / "bad").glob("*.distcp"), key=lambda p: int(p.stem.split("_")[-1]))
+    data = bytearray(last.read_bytes())
+    data[-200:] = bytes(200)  # same size, last record garbled: fails after shards are written
+    last.write_bytes(bytes(data))
+    cases["corrupt data file"] = ["--mcore", str(tmp_path / "bad"), "--shard-size", "60KB"]
     (tmp_path / "exists").mkdir()
     cases["already exists"] = ["--mcore", str(tmp_path / "mc"), "--out", str(tmp_path / "exists")]
     for case, args in cases.items():
