@@ -65,3 +65,48 @@ def hf_shape(spec: ModelSpec, key: str) -> tuple[int, ...]:
     if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
         return (h,)
     raise KeyError(key)
+
+
+# Mixture-of-experts specs (tests/moe): every MoE architecture with the features its mapping
+# has (shared experts, MLA, biases, sinks, dense layers), sized so that ``split`` divides every
+# split dimension: heads, kv groups, widths, MLA ranks and the expert count.
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
+                     "DeepseekV3ForCausalLM", "GptOssForCausalLM")
+
+
+@st.composite
+def moe_specs(draw, architecture: str | None = None, split: int = 1) -> ModelSpec:
+    from mbridge.specs import MLASpec, MoESpec
+
+    arch = architecture or draw(st.sampled_from(MOE_ARCHITECTURES))
+    s = split
+    layers = draw(st.integers(1, 3))
+    experts = s * draw(st.sampled_from([1, 2, 3]))
+    experts += experts == 1  # at least 2
+    groups = s * draw(st.sampled_from([1, 2]))
+    heads = groups * draw(st.sampled_from([1, 2]))
+    dense = tuple(i for i in range(layers) if draw(st.booleans()))
+    moe = MoESpec(num_experts=experts, topk=draw(st.integers(1, experts)),
+                  ffn_hidden_size=2 * s * draw(st.integers(1, 3)),
+                  dense_layers=dense if arch != "MixtralForCausalLM" else ())
+    fields: dict = dict(qk_norm=arch == "Qwen3MoeForCausalLM",
+                        qkv_bias=arch in ("Qwen2MoeForCausalLM", "GptOssForCausalLM"))
+    if arch == "Qwen2MoeForCausalLM":
+        moe = moe.replace(shared_ffn_hidden_size=2 * s, shared_gate=True)
+    if arch == "GptOssForCausalLM":
+        moe = moe.replace(dense_layers=())
+        fields.update(linear_bias=True, attention_sinks=True, activation="quick_gelu",
+                      glu_linear_offset=1.0, activation_clamp=7.0)
+    if arch == "DeepseekV3ForCausalLM":
+        moe = moe.replace(shared_ffn_hidden_size=moe.ffn_hidden_size, score="sigmoid",
+                          expert_bias=True, dense_layers=tuple(range(len(dense))))
+        fields["mla"] = MLASpec(q_lora_rank=draw(st.sampled_from([None, 2 * s])),
+                                kv_lora_rank=2 * s, qk_head_dim=2, qk_rope_head_dim=2 * s,
+                                v_head_dim=draw(st.sampled_from([2, 4])))
+        groups = heads
+    return ModelSpec(
+        architecture=arch, vocab_size=draw(st.integers(3, 300)), hidden_size=8,
+        ffn_hidden_size=4 * s, num_layers=layers, num_heads=heads, num_kv_heads=groups,
+        head_dim=fields["mla"].v_head_dim if "mla" in fields else 4,
+        tie_embeddings=draw(st.booleans()) if arch != "GptOssForCausalLM" else False,
+        moe=moe, **fields)
