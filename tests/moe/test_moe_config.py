@@ -76,6 +76,7 @@ def test_megatron_accepts_the_config(name):
                                               mscale=1.0, mscale_all_dim=0.5)),
      "mscale != mscale_all_dim"),
     ("gpt_oss", dict(swiglu_alpha=1.5), "fixes it at 1.702"),
+    ("gpt_oss", dict(quantization_config=dict(quant_method="mxfp4")), "dequantise first"),
     ("qwen3_moe", dict(use_sliding_window=True), "use_sliding_window=True"),
 ])
 def test_inexpressible_settings_are_named(name, overrides, message):
