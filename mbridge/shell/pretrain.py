@@ -70,7 +70,7 @@ class _StopSignal:
 
     def agreed(self) -> str | None:
         """The signal, if any rank got one (all ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.name else 0.0])
+        flag = torch.tensor([1.0 if self.name else 0.0], device=dist.device())
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return (self.name or "a stop signal on another rank") if flag.item() else None
 
