@@ -16,7 +16,8 @@ checkpoint that ``megatron.core.dist_checkpointing.save`` wrote from a ``GPTMode
 ``sharded_state_dict()`` (at any TP/PP/VPP, nested under any dict keys such as ``"model"``,
 next to optimizer state under other keys, which is ignored), given the HF config: in the
 checkpoint's ``hf/config.json`` (``mbridge.io.mcore.write_hf_files`` writes it) or a
-directory passed as ``hf_config``.
+directory passed as ``hf_config``. A training run's save directory works too: the iteration
+that its ``latest_checkpointed_iteration.txt`` names is read (``iter_0000010/``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ import torch
 from mbridge import config as mconfig
 from mbridge.io.hf import CheckpointError, HFCheckpoint, atomic_dir, copy_side_files
 from mbridge.io.hf_stream import HFStreamWriter
-from mbridge.io.mcore import HF_DIR, McoreReader, McoreWriter, read_hf_config, write_hf_files
+from mbridge.io.mcore import (
+    HF_DIR,
+    McoreReader,
+    McoreWriter,
+    read_hf_config,
+    resolve,
+    write_hf_files,
+)
 from mbridge.mappings import registry
 from mbridge.mappings.core import Mapping
 from mbridge.mappings.stacked import restack, split_index, stacked_counts
@@ -160,6 +168,7 @@ def import_hf(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
 
 
 def _open_mcore(mcore_dir, hf_config_dir=None):
+    mcore_dir = resolve(mcore_dir)
     reader = McoreReader(mcore_dir)
     hf_config = read_hf_config(hf_config_dir if hf_config_dir is not None else mcore_dir)
     spec = mconfig.from_hf_config(hf_config)
@@ -220,7 +229,7 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
 
     entries = [(k, tuple(v.shape), v.dtype)
                for k, v in restack((kv for g in groups for kv in meta_hf(g)), counts)]
-    side = Path(hf_config) if hf_config is not None else Path(mcore_dir) / HF_DIR
+    side = Path(hf_config) if hf_config is not None else resolve(mcore_dir) / HF_DIR
     with atomic_dir(hf_dir, overwrite=overwrite) as tmp:
         writer = HFStreamWriter(tmp, entries, parse_size(shard_size))
         try:
@@ -330,6 +339,7 @@ def bridge_from_mcore(cls, path: str | os.PathLike, hf_config: str | os.PathLike
     """``cls`` (AutoBridge) for the distributed checkpoint at ``path``, checked against its HF
     config; its providers load the checkpoint instead of HF weights."""
     _open_mcore(path, hf_config)
+    path = resolve(path)
     bridge = cls(None, read_hf_config(hf_config if hf_config is not None else path))
-    bridge.mcore_checkpoint = Path(path)
+    bridge.mcore_checkpoint = path
     return bridge

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "training) -> HF directory: sharded safetensors + index json, config.json, "
              "generation and tokenizer files; tensors keep the checkpoint's dtype")
     p.add_argument("--mcore", type=Path, required=True, metavar="MCORE_DIR",
-                   help="distributed checkpoint directory (the one holding metadata.json)")
+                   help="distributed checkpoint directory (holding metadata.json), or a "
+                        "training save directory (its latest_checkpointed_iteration.txt "
+                        "names the iteration)")
     p.add_argument("--out", type=Path, required=True, metavar="HF_DIR",
                    help="HF directory to create")
     p.add_argument("--shard-size", default="5GB",

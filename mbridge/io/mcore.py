@@ -249,6 +249,23 @@ class McoreReader:
         return self.read(reg.key, reg.offset, reg.shape)
 
 
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def resolve(directory: str | os.PathLike) -> Path:
+    """``directory`` itself when it holds a checkpoint (``metadata.json``); for a training
+    run's save directory (Megatron-LM's layout), the iteration its
+    ``latest_checkpointed_iteration.txt`` names: ``save/`` -> ``save/iter_0000010``."""
+    path = Path(directory)
+    tracker = path / TRACKER
+    if (path / "metadata.json").is_file() or not tracker.is_file():
+        return path
+    step = tracker.read_text().strip()
+    if not step.isdigit():
+        raise CheckpointError(f"{tracker} should hold an iteration number, holds {step[:40]!r}")
+    return path / f"iter_{int(step):07d}"
+
+
 def write_hf_files(directory: str | os.PathLike, hf_config: dict[str, Any],
                    model_spec_json: bytes, source: str | os.PathLike | None = None) -> None:
     """Store the HF config (plus tokenizer and generation files from ``source``) under

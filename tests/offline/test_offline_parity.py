@@ -6,8 +6,9 @@ checkpoint holds 300 rows.
 
 The same launch saves loaded models with Megatron-Core's own ``dist_checkpointing.save``
 (TP=2, and PP=2 with VPP=2: chunked and vocab-padded as training writes them, beside
-optimizer-like state), and ``export_hf`` turns those back into the original HF tensors,
-bit for bit.
+optimizer-like state, under a save directory with Megatron-LM's iteration tracker), and
+``export_hf`` of the save directory turns those back into the original HF tensors, bit for
+bit.
 """
 
 from pathlib import Path

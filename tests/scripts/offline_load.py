@@ -8,7 +8,8 @@ would, for the test to export. Prints one RESULT line per rank, layout and model
 usage: offline_load.py WORK_DIR LAYOUT[;LAYOUT...] NAME [NAME...]
 WORK_DIR holds refs.pt ({"ids", "refs": {name: logits}}) and one checkpoint dir per NAME;
 LAYOUT is comma-separated provider settings, e.g. "tp=2" or "pp=2,vpp=2";
-a layout marked "+save" also saves each model to WORK_DIR/megatron-<name>-<layout>.
+a layout marked "+save" also saves each model to WORK_DIR/megatron-<name>-<layout>/iter_0000007
+(with latest_checkpointed_iteration.txt beside it, Megatron-LM's training layout).
 """
 
 import dataclasses
@@ -42,8 +43,11 @@ def megatron_save(model, directory: Path) -> None:
                     item, key="optimizer.state.exp_avg." + item.key,
                     data=torch.full_like(item.data, 0.5))
     state.update(optimizer=optimizer, iteration=7, checkpoint_version=3.0)
-    directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(state, str(directory))
+    (directory / "iter_0000007").mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(state, str(directory / "iter_0000007"))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:  # Megatron-LM's tracker, as training writes it
+        (directory / "latest_checkpointed_iteration.txt").write_text("7")
 
 
 def check(layout: str, name: str, work: Path, refs: dict) -> dict:
