@@ -253,13 +253,15 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
 @dataclass
 class VerifyReport:
     """What ``verify`` found. ``cast``: tensors equal only after casting the HF tensor to the
-    checkpoint's dtype (an import with ``dtype``); ``mismatches``: (name, max |diff|)."""
+    checkpoint's dtype (an import with ``dtype``); ``mismatches``: (name, max |diff|);
+    ``unused``: HF tensors the model does not use (import leaves them out)."""
 
     tensors: int = 0
     identical: int = 0
     cast: list[str] = field(default_factory=list)
     mismatches: list[tuple[str, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
     logits_diff: float | None = None
     atol: float = 1e-4
 
@@ -283,7 +285,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, logits: b
         return report
     arch = registry.get(spec.architecture)
     groups = arch.mapping(spec, **arch.options_for(ckpt.keys()))  # read as hf_dir stores it
-    check_hf(ckpt, groups, spec)
+    report.unused = check_hf(ckpt, groups, spec)
     total = sum(ckpt.nbytes(k) for g in groups for k in g.hf_keys)
     with _progress(progress, total, "verify") as bar:
         for group in groups:

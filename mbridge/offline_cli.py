@@ -124,6 +124,9 @@ def format_report(report) -> str:
                         if report.cast else "") + f"  {ok}")
     lines += [f"  differs     {name}: max |diff| {diff:.3e}" for name, diff in
               report.mismatches[:20]]
+    if report.unused:
+        lines.append(f"  not in the model (left out by import): {len(report.unused)} HF "
+                     f"tensors, e.g. {report.unused[:3]}")
     if report.logits_diff is not None:
         verdict = "PASS" if report.logits_diff <= report.atol else "FAIL"
         lines.append(f"  logits      max |diff| {report.logits_diff:.3e} "

@@ -207,3 +207,20 @@ def test_help(action, capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     assert "exit codes: 0 success" in text and ("--mcore" in text or "--hf" in text)
+
+
+def test_unused_hf_tensors_are_left_out_and_reported(dense_models, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(dense_models["qwen3"], src)
+    weights = load_file(src / "model.safetensors")
+    weights["model.rotary_emb.inv_freq"] = torch.arange(12.0)  # what old checkpoints carry
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["convert", "import", "--hf", str(src), "--out", str(tmp_path / "mc"),
+                 "--quiet"]) == 0
+    assert "left out 1 HF tensors" in capsys.readouterr().err
+    assert main(["convert", "verify", "--hf", str(src), "--mcore", str(tmp_path / "mc"),
+                 "--quiet"]) == 0
+    assert "not in the model (left out by import): 1 HF tensors" in capsys.readouterr().out
+    offline.export_hf(tmp_path / "mc", tmp_path / "hf")
+    assert tensors(tmp_path / "hf").keys() == weights.keys() - {"model.rotary_emb.inv_freq"}
