@@ -3,6 +3,8 @@ config classes, the Megatron-Core settings each architecture needs, settings Meg
 0.16 cannot express named with the reason, and layouts that cannot host a model refused at
 ``finalize`` with what to change. Also the CPU shim's MoE/MLA bridges."""
 
+import math
+
 import pytest
 import torch
 from moe_models import CONFIGS, hf_config
@@ -118,3 +120,56 @@ def test_cpu_shim_bridges_the_te_only_moe_and_mla_paths():
     DotProductAttention(cfg, 1, None, "self", softmax_scale=0.5, k_channels=5, v_channels=3)
     with pytest.raises(ValueError, match="v_channels=4 but kv_channels=3"):
         DotProductAttention(cfg, 1, None, "self", k_channels=5, v_channels=4)
+
+
+# config.json fields of released checkpoints (values as published; weights not needed)
+HUB = {
+    "Qwen3-30B-A3B": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", decoder_sparse_step=1,
+        head_dim=128, hidden_act="silu", hidden_size=2048, intermediate_size=6144,
+        max_position_embeddings=40960, mlp_only_layers=[], moe_intermediate_size=768,
+        norm_topk_prob=True, num_attention_heads=32, num_experts=128, num_experts_per_tok=8,
+        num_hidden_layers=48, num_key_value_heads=4, rms_norm_eps=1e-6, rope_scaling=None,
+        rope_theta=1e6, sliding_window=None, tie_word_embeddings=False,
+        use_sliding_window=False, vocab_size=151936),
+    "DeepSeek-V3": dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", first_k_dense_replace=3,
+        hidden_act="silu", hidden_size=7168, intermediate_size=18432, kv_lora_rank=512,
+        max_position_embeddings=163840, moe_intermediate_size=2048, moe_layer_freq=1,
+        n_group=8, n_routed_experts=256, n_shared_experts=1, norm_topk_prob=True,
+        num_attention_heads=128, num_experts_per_tok=8, num_hidden_layers=61,
+        num_key_value_heads=128, num_nextn_predict_layers=1, q_lora_rank=1536,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, rms_norm_eps=1e-6,
+        rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=1.0, mscale_all_dim=1.0,
+                          original_max_position_embeddings=4096, type="yarn"),
+        rope_theta=10000, routed_scaling_factor=2.5, scoring_func="sigmoid",
+        tie_word_embeddings=False, topk_group=4, topk_method="noaux_tc", v_head_dim=128,
+        vocab_size=129280),
+    "gpt-oss-20b": dict(
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", attention_bias=True,
+        head_dim=64, hidden_act="silu", hidden_size=2880, intermediate_size=2880,
+        layer_types=["sliding_attention", "full_attention"] * 12, max_position_embeddings=131072,
+        num_attention_heads=64, num_experts_per_tok=4, num_hidden_layers=24,
+        num_key_value_heads=8, num_local_experts=32, rms_norm_eps=1e-5,
+        rope_scaling=dict(beta_fast=32.0, beta_slow=1.0, factor=32.0,
+                          original_max_position_embeddings=4096, rope_type="yarn",
+                          truncate=False), rope_theta=150000, sliding_window=128,
+        swiglu_limit=7.0, tie_word_embeddings=False, vocab_size=201088),
+}
+
+
+@pytest.mark.parametrize("name,parallel", [
+    ("Qwen3-30B-A3B", dict(tp=4, ep=8)), ("DeepSeek-V3", dict(tp=8, ep=64, pp=16)),
+    ("gpt-oss-20b", dict(tp=8, ep=4))])
+def test_released_configs_translate(name, parallel):
+    spec = mconfig.from_hf_config(HUB[name])
+    kw = mconfig.transformer_config_kwargs(spec, ParallelSpec(**parallel))
+    assert kw["num_moe_experts"] == spec.moe.num_experts > 1
+    if name == "DeepSeek-V3":
+        assert kw["moe_layer_freq"] == [0] * 3 + [1] * 58
+        assert (kw["moe_router_num_groups"], kw["moe_router_group_topk"]) == (8, 4)
+        assert (kw["rotary_scaling_factor"], kw["mscale_all_dim"]) == (40, 1.0)
+        assert spec.moe.shared_ffn_hidden_size == 2048 and spec.head_dim == 128
+    if name == "gpt-oss-20b":
+        assert kw["window_attn_skip_freq"] == [1, 0] * 12 and kw["window_size"] == (127, 0)
+        assert kw["softmax_scale"] == pytest.approx((0.1 * math.log(32) + 1) ** 2 / 8)
