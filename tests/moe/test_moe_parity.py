@@ -6,7 +6,7 @@ from disk only by the expert-parallel rank that holds it.
 
 TP=1 runs in this process for both HF layouts (per-expert and stacked). One ``torchrun``
 launch of 2 processes runs EP=2, TP=2 (experts replicated), TP=2 with expert-TP=2, and
-TP=2 x EP=2; one launch of 4 processes runs PP=2 x EP=2.
+TP=2 x EP=2; one launch of 4 processes runs PP=2 x EP=2 and PP=2 x VPP=2 x EP=2.
 """
 
 from pathlib import Path
@@ -27,6 +27,7 @@ STACKED = [n for n in NAMES if n != "gpt_oss"]
 SCRIPT = Path(__file__).parent / "scripts" / "moe_parity.py"
 TWO_RANK_LAYOUTS = ["ep=2", "tp=2", "tp=2,etp=2", "tp=2,ep=2"]
 FOUR_RANK = ["deepseek_v3", "gpt_oss", "qwen3_moe_stacked"]
+VPP = ["deepseek_v3", "qwen3_moe"]
 
 
 def tensors(directory: Path) -> dict:
@@ -83,7 +84,8 @@ def two_ranks(moe_dirs, tmp_path_factory):
 def four_ranks(moe_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_exports_pp")
     dirs = [f"{moe_dirs[n]}@{moe_dirs[n.removesuffix('_stacked')]}" for n in FOUR_RANK]
-    return torchrun(SCRIPT, str(out), "pp=2,ep=2", *dirs, nproc=4)
+    return torchrun(SCRIPT, str(out), "pp=2,ep=2", *dirs, "--", "pp=2,vpp=2,ep=2",
+                    *[str(moe_dirs[n]) for n in VPP], nproc=4)
 
 
 def experts_of(rank: dict, moe_dirs) -> list[int]:
@@ -127,8 +129,9 @@ def test_two_ranks_stacked(two_ranks, moe_dirs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FOUR_RANK)
-def test_pipeline_and_expert_parallel(four_ranks, moe_dirs, name):
-    rows = [r for r in four_ranks if r["model"] == name]
+@pytest.mark.parametrize("layout,name", [("pp=2,ep=2", n) for n in FOUR_RANK]
+                         + [("pp=2,vpp=2,ep=2", n) for n in VPP])
+def test_pipeline_and_expert_parallel(four_ranks, moe_dirs, layout, name):
+    rows = [r for r in four_ranks if r["model"] == name and r["layout"] == layout]
     assert sorted({r["pp_rank"] for r in rows}) == [0, 1]
     check_rows(rows, 4, moe_dirs)

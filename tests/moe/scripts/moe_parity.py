@@ -30,7 +30,8 @@ from mbridge.shell import dist as mdist
 from mbridge.shell import forward
 
 NAMES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
-         "ep": "expert_model_parallel_size", "etp": "expert_tensor_parallel_size"}
+         "ep": "expert_model_parallel_size", "etp": "expert_tensor_parallel_size",
+         "vpp": "virtual_pipeline_model_parallel_size"}
 EXPERT = re.compile(r"experts\.(\d+)\.|experts\.\w+\[(\d+)\]")
 
 
