@@ -55,8 +55,8 @@ def read_hf_shard(ckpt: HFCheckpoint, group: Mapping, tp: int, tp_rank: int,
     for key, layout in group.hf_layouts.items():
         size, r = (etp, etp_rank) if layout.expert else (tp, tp_rank)
         base, row = split_index(key)
-        if row is not None:
-            tree[key] = shard(ckpt.read_slices(base, 0, [(row, row + 1)])[0], layout, size, r)
+        if row is not None:  # one expert's row: read it, then its slice
+            tree[key] = shard(ckpt.read(key), layout, size, r)
             continue
         if layout.dim is None:
             tree[key] = ckpt.read(key)
