@@ -5,7 +5,8 @@ layers ``mbridge.mappings``, ``mbridge.sharding`` and ``mbridge.config``.
 """
 
 from mbridge.bridge import AutoBridge, GPTModelProvider
-from mbridge.specs import ModelSpec, ParallelSpec, RankSpec, RopeSpec
+from mbridge.specs import MLASpec, ModelSpec, MoESpec, ParallelSpec, RankSpec, RopeSpec
 
-__all__ = ["AutoBridge", "GPTModelProvider", "ModelSpec", "ParallelSpec", "RankSpec", "RopeSpec"]
+__all__ = ["AutoBridge", "GPTModelProvider", "MLASpec", "ModelSpec", "MoESpec", "ParallelSpec",
+           "RankSpec", "RopeSpec"]
 __version__ = "0.1.0"
