@@ -47,6 +47,22 @@ def resolve_model(cfg: RunConfig):
     return bridge.spec, bridge, bridge.hf_config, path
 
 
+def check_backend(cfg: RunConfig) -> None:
+    """Sequence and context parallelism need Transformer Engine's layers: Megatron-Core's
+    local norm refuses sequence parallelism and its local attention has no context-parallel
+    path."""
+    from mbridge.shell.model import have_te
+
+    if have_te():
+        return
+    if cfg.model.sequence_parallel:
+        raise ConfigError("model.sequence_parallel=true needs Transformer Engine (and CUDA); "
+                          "Megatron-Core's local layers do not support it")
+    if cfg.model.context_parallel_size > 1:
+        raise ConfigError("model.context_parallel_size > 1 needs Transformer Engine (and CUDA); "
+                          "Megatron-Core's local attention has no context-parallel path")
+
+
 def _resume_path(cfg: RunConfig) -> Path | None:
     c = cfg.checkpoint
     if c.load is None:
@@ -90,6 +106,7 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_run(cfg, spec, world)
     data.check_paths(cfg)
+    check_backend(cfg)
     check_wandb(cfg)
     resume = _resume_path(cfg)
     dist.init(parallel_spec(cfg), seed=cfg.rng.seed)

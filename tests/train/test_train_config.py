@@ -125,6 +125,18 @@ def test_missing_data_path_fails_before_training(tmp_path):
     assert "nope_text_document.bin and .idx not found" in pretrain_error(cfg)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"], "sequence_parallel"),
+    (["model.context_parallel_size=2"], "context_parallel_size > 1 needs Transformer Engine")])
+def test_parallelism_needing_te_fails_before_training(overrides, message, monkeypatch):
+    from mbridge.shell.model import have_te
+
+    if have_te():
+        pytest.skip("Transformer Engine is usable here")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert message in pretrain_error(apply_overrides(recipes.tiny_llama_pretrain(), overrides))
+
+
 def test_missing_hf_checkpoint_fails_before_training(tmp_path):
     cfg = apply_overrides(recipes.tiny_llama_pretrain(), [f"model.hf_path={tmp_path}/none"])
     cfg = config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "spec": None}})
