@@ -53,7 +53,9 @@ def runs(tmp_path_factory):
                     *[f"{k}:{VOCAB};{v}".rstrip(";") for k, v in LAYOUTS.items()],
                     f"straight:{resume}",
                     f"first-export:{resume};train.exit_interval=10;checkpoint.save={ckpt}")
-    resumed = torchrun(SCRIPT, str(work), str(hf), f"resumed:{resume};checkpoint.load={ckpt}")
+    resumed = torchrun(SCRIPT, str(work), str(hf), f"resumed:{resume};checkpoint.load={ckpt}",
+                       f"from-ckpt:{VOCAB};model.hf_path={ckpt}/iter_0000010;"
+                       "train.train_iters=4;model.tensor_model_parallel_size=2")
     for r in ref + many + resumed:
         out.setdefault(r["run"], []).append(r)
     return work, ckpt, out
@@ -117,6 +119,16 @@ def test_exact_resume(runs):
         assert resumed["step"] == 20 and resumed["consumed"] == straight["consumed"] == 160
         assert resumed["digest"] == straight["digest"]  # final weights, bit for bit
         assert first["digest"] != straight["digest"]
+
+
+def test_training_checkpoint_starts_a_new_run_at_another_layout(runs):
+    """model.hf_path may name a training checkpoint (it carries hf/ and mbridge.json): a new
+    run at TP=2 starts from the trained weights, well below the HF model's first loss."""
+    _, _, out = runs
+    start = out["tp1"][0]["losses"][0]
+    trained = out["straight"][0]["losses"][9]
+    for rank in out["from-ckpt"]:
+        assert rank["losses"][0] < trained + 0.2 * (start - trained)
 
 
 def test_training_checkpoint_exports_to_hf(runs, tmp_path):
