@@ -18,11 +18,21 @@ peak RSS (the machine is shared and disk-bound, so single timings are noisy):
 
 The first round's export is compared with the input tensor by tensor (torch.equal, dtype,
 key set).
+
+``--gpu`` measures the online path on one GPU instead, in one process, each step timed with
+the GPU synchronised (the source is read once first, so every step sees a warm page cache):
+
+  floor    safetensors ``safe_open(device="cuda")`` of every tensor, then ``save_file`` back
+  hf       transformers ``from_pretrained(dtype=bfloat16, device_map="cuda")`` + ``save_pretrained``
+  import   ``AutoBridge.from_hf_pretrained`` -> provider (bf16) -> ``provide_distributed_model``
+  stream   ``export_hf_weights(model, cpu=False)``: every HF tensor on the GPU (RL weight sync)
+  export   ``save_hf_pretrained`` (tensors to host, sharded safetensors, atomic)
 Outputs are deleted as soon as they are measured (8B bf16 is 16 GB per copy; peak disk use
 is three copies). The RSS bound checked: 2 GiB + 3 x the largest tensor.
 
     python benchmarks/convert.py --size 1b --workdir /work/bench
     python benchmarks/convert.py --size 8b --workdir /work/bench
+    python benchmarks/convert.py --size 1b --workdir /tmp/bench --gpu
 """
 
 from __future__ import annotations
@@ -46,6 +56,9 @@ SIZES = {  # Llama-3.2-1B and Llama-3-8B shapes
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                tie_word_embeddings=False),
+    "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=512,  # smoke runs
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=False),
 }
 GiB = 2**30
 
@@ -168,13 +181,91 @@ def main() -> None:
                         help="run the model-instantiating path (auto: if it fits in RAM)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="floor/import/export rounds, interleaved (default 3)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="time import into / export from a live model on one GPU instead")
+    parser.add_argument("--json", type=Path, default=None, help="--gpu: also write results here")
     parser.add_argument("--phase", nargs=3, metavar=("NAME", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         name, src, dst = args.phase
         {"floor": floor, "online": online}[name](Path(src), Path(dst))
         return
-    run(args)
+    gpu_run(args) if args.gpu else run(args)
+
+
+def gpu_run(args) -> None:
+    """Import into and export from a live Megatron-Core model on one GPU, against safetensors
+    and transformers doing the same in the same run."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from mbridge import AutoBridge
+
+    work = args.workdir / f"convert-gpu-{args.size}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    src = work / "hf"
+    total, _ = generate(args.size, src)
+    floor(src, work / "warm")  # one read of everything: the page cache is warm for all steps
+    shutil.rmtree(work / "warm")
+    times: dict[str, float] = {}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the steps
+    sync = torch.cuda.synchronize if dev == "cuda" else lambda: None
+
+    def timed(name):
+        class _T:
+            def __enter__(self):
+                sync()
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sync()
+                times[name] = round(time.perf_counter() - self.t, 3)
+                print(f"{name}: {times[name]:.2f}s", flush=True)
+        return _T()
+
+    with timed("floor_read"):
+        tensors = {}
+        for f in sorted(src.glob("*.safetensors")):
+            with safe_open(f, framework="pt", device=dev) as handle:
+                tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+    (work / "floor").mkdir()
+    with timed("floor_write"):
+        save_file({k: v.cpu() for k, v in tensors.items()}, work / "floor" / "model.safetensors")
+    del tensors
+    shutil.rmtree(work / "floor")
+    with timed("hf_read"):
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16,
+                                                  device_map=dev if dev == "cuda" else None)
+    with timed("hf_write"):
+        hf.save_pretrained(work / "hf_out")
+    del hf
+    shutil.rmtree(work / "hf_out")
+    torch.cuda.empty_cache()
+    with timed("mbridge_import"):
+        bridge = AutoBridge.from_hf_pretrained(src)
+        provider = bridge.to_megatron_provider()
+        provider.params_dtype = "bfloat16"
+        model = provider.finalize().provide_distributed_model()
+    with timed("mbridge_stream"):
+        n = sum(t.numel() for _, t in bridge.export_hf_weights(model, cpu=False))
+    with timed("mbridge_export"):
+        bridge.save_hf_pretrained(model, work / "out")
+    exact = same_tensors(src, work / "out")
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    result = dict(size=args.size, gib=round(total / GiB, 2), device=name,
+                  torch=torch.__version__, elements=n, exact=exact, seconds=times,
+                  import_over_floor_read=round(times["mbridge_import"] / times["floor_read"], 2),
+                  import_over_hf_read=round(times["mbridge_import"] / times["hf_read"], 2),
+                  export_over_floor_write=round(times["mbridge_export"] / times["floor_write"], 2),
+                  export_over_hf_write=round(times["mbridge_export"] / times["hf_write"], 2))
+    print(json.dumps(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    shutil.rmtree(work)
 
 
 def run(args) -> None:

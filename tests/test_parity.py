@@ -61,6 +61,26 @@ def test_tp1_in_process(name, attention, dense_models, tmp_path):
     assert streamed.keys() == src.keys() and all(torch.equal(streamed[k], src[k]) for k in src)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_bf16_model_round_trip_keeps_every_dtype(name, tmp_path):
+    """A bf16 checkpoint in a bf16 model (``params_dtype="bfloat16"``) exports bf16 tensors
+    identical to the input, norms included (the local spec's torch norms are built in float32
+    by Megatron-Core; shell/model.py casts them), and every parameter is bf16."""
+    from models import make_hf
+
+    make_hf(name, tmp_path / "hf", dtype=torch.bfloat16)
+    bridge = AutoBridge.from_hf_pretrained(tmp_path / "hf")
+    provider = bridge.to_megatron_provider()
+    provider.params_dtype = "bfloat16"
+    model = provider.finalize().provide_distributed_model()
+    assert {p.dtype for p in model[0].parameters()} == {torch.bfloat16}
+    bridge.save_hf_pretrained(model, tmp_path / "out")
+    src, dst = tensors(tmp_path / "hf"), tensors(tmp_path / "out")
+    assert src.keys() == dst.keys()
+    for key in src:
+        assert dst[key].dtype == torch.bfloat16 and torch.equal(src[key], dst[key]), key
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "megatron"])
 def test_sliding_window_is_honoured_past_the_window(dense_models, attention):
     """The mistral fixture has window 5 and the test sequence is 12 long: without the

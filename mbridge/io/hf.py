@@ -161,7 +161,8 @@ class HFCheckpoint:
             dim, lo, hi = window
             return sl[(slice(None),) * dim + (slice(lo, hi),)]
         except Exception as e:
-            raise CheckpointError(f"cannot read tensor {key!r} from {self._files[key]}: {e}") from None
+            raise CheckpointError(
+                f"cannot read tensor {key!r} from {self._files[key]}: {e}") from None
 
 
 def _size_bytes(t: torch.Tensor) -> int:

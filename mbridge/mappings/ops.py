@@ -18,7 +18,8 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -
 
 
 def split_qkv(qkv: torch.Tensor, heads_per_group: int, head_dim: int):
-    """Inverse of ``fuse_qkv``: ``split_qkv(fuse_qkv(q, k, v, d), heads // groups, d) == (q, k, v)``."""
+    """Inverse of ``fuse_qkv``:
+    ``split_qkv(fuse_qkv(q, k, v, d), heads // groups, d) == (q, k, v)``."""
     rest = qkv.shape[1:]
     grouped = qkv.reshape(-1, (heads_per_group + 2) * head_dim, *rest)
     q, k, v = grouped.split([heads_per_group * head_dim, head_dim, head_dim], dim=1)

@@ -29,7 +29,8 @@ def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_
     device = next(chunks[0].parameters()).device
     ids = input_ids.to(device)
     pos = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
-    pp_rank, pp_group = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_group()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    pp_group = ps.get_pipeline_model_parallel_group()
     hidden_shape = (ids.shape[1], ids.shape[0], hidden_size)
     order = _order(parallel)
     out = None

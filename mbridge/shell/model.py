@@ -95,10 +95,22 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
         model = GPTModel(cfg, lspec, pre_process=first, post_process=last, vp_stage=vp_stage,
                          **mconfig.gpt_model_kwargs(spec, parallel))
         set_rope(model, spec)
+        cast_torch_norms(model, cfg.params_dtype)
         if device is not None:
             model.to(device)
         chunks.append(model)
     return chunks
+
+
+def cast_torch_norms(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The local spec's norms are plain ``torch.nn.RMSNorm``/``LayerNorm``, which Megatron-Core's
+    ``WrappedTorchNorm`` builds in float32 whatever ``params_dtype`` says (TE's norms follow it).
+    Cast them, as Megatron-LM's ``Float16Module`` would, so a bf16 model is bf16 throughout: its
+    export keeps the checkpoint's dtype, and on GPU the norm takes the fused kernel (a float32
+    weight on bf16 input falls back to the unfused one)."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(dtype)
 
 
 def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank: int):

@@ -68,11 +68,27 @@ class MegatronRuntime:
                               attention_dropout=m.attention_dropout, **_p2p_settings(plan)))
         self.model = provider.provide_distributed_model(
             wrap_with_ddp=True, ddp_config=self._ddp_config(), load_weights=bridge is not None)
+        self._speed_up(m)
         self.config = self.model[0].config
         self._bind_sync_funcs()
         with cuda_as_cpu():
             self.optimizer = self._build_optimizer(dtype)
         self.config.grad_scale_func = self.optimizer.scale_loss  # fp16 loss scaling
+
+    def _speed_up(self, m) -> None:
+        """The one-GPU fast path the run config asks for (benchmarks/train_throughput.py)."""
+        from mbridge.shell.fast_layers import use_fused_cross_entropy
+
+        fused = m.compiled_cross_entropy
+        if fused is None:
+            fused = torch.cuda.is_available() and m.tensor_model_parallel_size == 1
+        for chunk in self.model:
+            gpt = chunk.module
+            if fused and gpt.post_process:
+                use_fused_cross_entropy(gpt)
+            if m.compile_layers:
+                for layer in gpt.decoder.layers:
+                    layer.compile()
 
     def _ddp_config(self):
         from megatron.core.distributed import DistributedDataParallelConfig

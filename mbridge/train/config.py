@@ -51,6 +51,10 @@ class ModelConfig(Section, frozen=True, kw_only=True):
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # one-GPU speed (shell/fast_layers.py): the loss as one compiled pass over the logits
+    # (None: on with CUDA at TP=1), and each transformer layer under torch.compile
+    compiled_cross_entropy: bool | None = None
+    compile_layers: bool = False
 
 
 class ParallelConfig(Section, frozen=True, kw_only=True):

@@ -66,6 +66,9 @@ def check_sections(cfg: RunConfig) -> None:
            "checkpoint.save_interval needs checkpoint.save (a directory)")
     _check(m.sequence_parallel is False or m.tensor_model_parallel_size > 1,
            "model.sequence_parallel needs model.tensor_model_parallel_size > 1")
+    _check(m.compiled_cross_entropy is not True or m.tensor_model_parallel_size == 1,
+           "model.compiled_cross_entropy=true needs model.tensor_model_parallel_size=1 (larger "
+           "TP keeps Megatron-Core's vocab-parallel cross entropy)")
     lr_schedule.from_config(cfg)
 
 

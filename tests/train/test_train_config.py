@@ -83,6 +83,8 @@ def test_recipes_plan(name, world):
     (["checkpoint.save_interval=5"], 1, "needs checkpoint.save"),
     (["model.sequence_parallel=true"], 1, "sequence_parallel needs"),
     (["train.train_iters=0"], 1, "train_iters=0 must be positive"),
+    (["model.compiled_cross_entropy=true", "model.tensor_model_parallel_size=2"], 2,
+     "compiled_cross_entropy=true needs model.tensor_model_parallel_size=1"),
 ])
 def test_inconsistent_configs_fail_in_planning(overrides, world, message):
     cfg = apply_overrides(recipes.tiny_llama_pretrain(), overrides)
