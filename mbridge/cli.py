@@ -1,4 +1,9 @@
-"""``mbridge`` command line. Each command lives in its own module exposing
+"""``mbridge`` command line.
+
+Hugging Face <-> Megatron-Core conversion (offline, no GPU) and the demo; training runs
+through ``torchrun -m mbridge.train`` (``python -m mbridge.train --help``).
+
+Each command lives in its own module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, importing a
 command's module (and so torch/megatron) only when that command runs.
 
@@ -21,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mbridge", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mbridge", description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 success, 1 a check failed, 2 bad input")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
