@@ -48,9 +48,7 @@ def runs(tmp_path_factory):
                "train.eval_interval=5;logging.log_interval=5")
     ref = torchrun(SCRIPT, str(work), str(hf), f"tp1:{VOCAB}", indexed,
                    f"bf16:{VOCAB};mixed_precision=bf16_mixed",
-                   f"fp16:{VOCAB};mixed_precision=fp16_mixed;train.train_iters=30",
-                   f"fast:{VOCAB};model.compiled_cross_entropy=true;model.compile_layers=true",
-                   nproc=1)
+                   f"fp16:{VOCAB};mixed_precision=fp16_mixed;train.train_iters=30", nproc=1)
     resume = f"{VOCAB};train.train_iters=20"
     many = torchrun(SCRIPT, str(work), str(hf),
                     *[f"{k}:{VOCAB};{v}".rstrip(";") for k, v in LAYOUTS.items()],
@@ -106,9 +104,13 @@ def test_mixed_precision(runs):
 def test_one_gpu_fast_path_matches(runs):
     """The compiled cross entropy and torch.compile'd layers (the one-GPU fast path of
     benchmarks/train_throughput.py) train as the reference does: fp32, only the fusion order
-    differs (measured: 3e-8 relative over 10 steps)."""
-    _, _, out = runs
-    assert out["fast"][0]["losses"] == pytest.approx(out["tp1"][0]["losses"], rel=RTOL)
+    differs (measured: 3e-8 relative over 10 steps). Its own launch: torch.compile needs a
+    C compiler on CPU, and a failure here should not take the other runs with it."""
+    work, _, out = runs
+    fast = torchrun(SCRIPT, str(work), str(work / "hf"),
+                    f"fast:{VOCAB};model.compiled_cross_entropy=true;model.compile_layers=true",
+                    nproc=1)
+    assert fast[0]["losses"] == pytest.approx(out["tp1"][0]["losses"], rel=RTOL)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
