@@ -133,6 +133,12 @@ class AutoBridge:
             tdist.barrier()
 
 
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    """An init method that leaves the tensor as allocated (its values are loaded next);
+    returns it, as torch.nn.init's do (Megatron-Core assigns the result in places)."""
+    return tensor
+
+
 def _unwrap(model: list) -> list:
     return [getattr(m, "module", m) for m in model]
 
@@ -208,6 +214,13 @@ class GPTModelProvider:
         parallel = self._parallel
         rank = dist.init(parallel, seed=self.seed)
         extra = dict(self.extra_config, sequence_parallel=self.sequence_parallel)
+        if self.bridge is not None and load_weights:
+            # every parameter is overwritten (load_hf checks it), so skip drawing random
+            # weights, most of import's time on CPU. Not perform_initialization=False: that
+            # also skips Megatron-Core's tensor-parallel attributes on the weights (seen:
+            # NaN gradient norms at TP=2).
+            for name in ("init_method", "output_layer_init_method", "embedding_init_method"):
+                extra.setdefault(name, _no_init)
         chunks = mmodel.build_chunks(self.spec, parallel, rank.pp, dtype=self.params_dtype,
                                      use_te=use_te, attention=self.attention_backend,
                                      device=dist.device(), **extra)

@@ -75,6 +75,7 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
     """Copy the HF weights this rank hosts into ``chunks``; checks every shape first."""
     params = _params(chunks)
     check_coverage(ckpt, groups, spec)
+    written: set[tuple[int, str]] = set()
     for group in groups:
         hosted = _hosted(group, spec, parallel, rank)
         if not hosted:
@@ -93,6 +94,21 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
                         f"got {list(local[key].shape)}"))
                 with torch.no_grad():
                     param.copy_(local[key])
+                written.add((chunk, name))
+    _check_all_loaded(chunks, written, ckpt)
+
+
+def _check_all_loaded(chunks, written: set[tuple[int, str]], ckpt: HFCheckpoint) -> None:
+    """Every parameter of this rank came from the checkpoint: providers build models
+    without initialising them when weights are loaded, so one left out would be garbage."""
+    missing = [name for c, chunk in enumerate(chunks)
+               for name in (sequential_key(local_key(k))
+                            for k, v in chunk.state_dict(keep_vars=True).items()
+                            if isinstance(v, torch.nn.Parameter))
+               if (c, name) not in written]
+    if missing:
+        raise CheckpointError(f"{len(missing)} model parameters have no tensor in {ckpt.path} "
+                              f"(no mapping writes them), e.g. {missing[:3]}")
 
 
 def check_coverage(ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSpec) -> None:

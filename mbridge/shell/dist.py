@@ -4,6 +4,7 @@ Megatron-Core's ``parallel_state`` for a ParallelSpec. The one place that reads
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -32,6 +33,7 @@ def init(parallel: ParallelSpec, seed: int = 1234) -> RankSpec:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+        atexit.register(_shutdown)
     world = dist.get_world_size()
     if world % (parallel.tp * parallel.pp * parallel.cp):
         raise ValueError(f"world size {world} is not divisible by tp*pp*cp = "
@@ -51,6 +53,19 @@ def init(parallel: ParallelSpec, seed: int = 1234) -> RankSpec:
     )
     model_parallel_cuda_manual_seed(seed)
     return rank_spec()
+
+
+def _shutdown() -> None:
+    """Destroy the groups this module started while the interpreter is still alive: left to
+    interpreter finalisation, gloo's worker threads can still hold work objects whose release
+    needs the GIL, and the process dies with SIGABRT after its work is done ("terminate
+    called without an active exception", seen in a training run here)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_spec() -> RankSpec:
