@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from convert import same_tensors  # benchmarks/convert.py
 from dist_util import report
-from safetensors import safe_open
 
 from mbridge import AutoBridge
 from mbridge.shell import forward
@@ -30,22 +30,6 @@ def barrier_time() -> float:
     if dist.is_initialized():
         dist.barrier()
     return time.perf_counter()
-
-
-def identical(a: Path, b: Path) -> bool:
-    def index(d):
-        return {k: f for f in sorted(d.glob("*.safetensors"))
-                for k in safe_open(f, framework="pt").keys()}
-
-    ia, ib = index(a), index(b)
-    if ia.keys() != ib.keys():
-        return False
-    for key in ia:
-        x = safe_open(ia[key], framework="pt").get_tensor(key)
-        y = safe_open(ib[key], framework="pt").get_tensor(key)
-        if x.dtype != y.dtype or not torch.equal(x, y):
-            return False
-    return True
 
 
 def check(layout: str, hf_dir: Path, ref: dict, out_root: Path) -> dict:
@@ -67,7 +51,7 @@ def check(layout: str, hf_dir: Path, ref: dict, out_root: Path) -> dict:
     t2 = barrier_time()
     bridge.save_hf_pretrained(model, out)
     t3 = barrier_time()
-    exact = identical(hf_dir, out) if dist.get_rank() == 0 else None
+    exact = same_tensors(hf_dir, out) if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
         shutil.rmtree(out)
     del model
