@@ -38,6 +38,7 @@ is three copies). The RSS bound checked: 2 GiB + 3 x the largest tensor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -215,17 +216,14 @@ def gpu_run(args) -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the steps
     sync = torch.cuda.synchronize if dev == "cuda" else lambda: None
 
+    @contextlib.contextmanager
     def timed(name):
-        class _T:
-            def __enter__(self):
-                sync()
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                sync()
-                times[name] = round(time.perf_counter() - self.t, 3)
-                print(f"{name}: {times[name]:.2f}s", flush=True)
-        return _T()
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        times[name] = round(time.perf_counter() - start, 3)
+        print(f"{name}: {times[name]:.2f}s", flush=True)
 
     with timed("floor_read"):
         tensors = {}

@@ -113,8 +113,9 @@ def mbridge_variant(mb: int, seq: int, compile_: bool, fused_ce: bool = False,
 
         use_fused_cross_entropy(model[0].module)
     if compile_:
-        for layer in model[0].module.decoder.layers:
-            layer.compile()
+        from mbridge.shell.fast_layers import compile_layers
+
+        compile_layers(model[0].module)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=True,
                                                  use_distributed_optimizer=True, clip_grad=1.0,
                                                  params_dtype=torch.bfloat16), model)

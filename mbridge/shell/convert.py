@@ -95,17 +95,15 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
                 with torch.no_grad():
                     param.copy_(local[key])
                 written.add((chunk, name))
-    _check_all_loaded(chunks, written, ckpt)
+    _check_all_loaded(params, written, ckpt)
 
 
-def _check_all_loaded(chunks, written: set[tuple[int, str]], ckpt: HFCheckpoint) -> None:
+def _check_all_loaded(params: list[dict[str, torch.Tensor]], written: set[tuple[int, str]],
+                      ckpt: HFCheckpoint) -> None:
     """Every parameter of this rank came from the checkpoint: providers build models
     without initialising them when weights are loaded, so one left out would be garbage."""
-    missing = [name for c, chunk in enumerate(chunks)
-               for name in (sequential_key(local_key(k))
-                            for k, v in chunk.state_dict(keep_vars=True).items()
-                            if isinstance(v, torch.nn.Parameter))
-               if (c, name) not in written]
+    missing = [name for c, tensors in enumerate(params) for name, v in tensors.items()
+               if isinstance(v, torch.nn.Parameter) and (c, name) not in written]
     if missing:
         raise CheckpointError(f"{len(missing)} model parameters have no tensor in {ckpt.path} "
                               f"(no mapping writes them), e.g. {missing[:3]}")

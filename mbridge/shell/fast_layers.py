@@ -80,6 +80,13 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 _compiled_ce = None
 
 
+def compile_layers(model) -> None:
+    """Put each transformer layer of a ``GPTModel`` under ``torch.compile`` (fuses the
+    elementwise work between the matmuls: SwiGLU, rope, residual adds)."""
+    for layer in model.decoder.layers:
+        layer.compile()
+
+
 def use_fused_cross_entropy(model, compile_: bool = True) -> None:
     """Make a tensor-parallel-size-1 ``GPTModel`` compute its loss with
     ``token_cross_entropy`` (compiled unless ``compile_`` is False). Larger TP keeps

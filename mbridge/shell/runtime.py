@@ -77,7 +77,7 @@ class MegatronRuntime:
 
     def _speed_up(self, m) -> None:
         """The one-GPU fast path the run config asks for (benchmarks/train_throughput.py)."""
-        from mbridge.shell.fast_layers import use_fused_cross_entropy
+        from mbridge.shell.fast_layers import compile_layers, use_fused_cross_entropy
 
         fused = m.compiled_cross_entropy
         if fused is None:
@@ -87,8 +87,7 @@ class MegatronRuntime:
             if fused and gpt.post_process:
                 use_fused_cross_entropy(gpt)
             if m.compile_layers:
-                for layer in gpt.decoder.layers:
-                    layer.compile()
+                compile_layers(gpt)
 
     def _ddp_config(self):
         from megatron.core.distributed import DistributedDataParallelConfig
