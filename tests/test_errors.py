@@ -97,3 +97,14 @@ def test_failed_write_leaves_nothing(tmp_path):
         with atomic_dir(target):
             pass
     assert (target / "keep").read_text() == "x"
+
+
+def test_parameter_no_mapping_writes_is_named(dense_models):
+    """Providers skip random init when they load weights, so a parameter the checkpoint does
+    not fill would hold garbage: load_hf names it instead."""
+    bridge = AutoBridge.from_hf_pretrained(dense_models["llama"])
+    provider = bridge.to_megatron_provider(load_weights=False).finalize()
+    model = provider.provide_distributed_model()
+    model[0].decoder.register_parameter("stray", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"1 model parameters have no tensor.*stray"):
+        bridge.load_hf_weights(model, provider.parallel_spec())
