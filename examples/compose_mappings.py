@@ -12,7 +12,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mbridge import config
-from mbridge.mappings import at, chain, fuse, get, rename
+from mbridge.architectures import get
+from mbridge.mappings import at, chain, fuse, rename
 from mbridge.mappings.ops import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 from mbridge.sharding import COLUMN, GATED_COLUMN, ROW, shard_tree, unshard_tree
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from mbridge import config as mconfig
+from mbridge.architectures import registry
 from mbridge.io.hf import HFCheckpoint, HFWriter, atomic_dir, copy_side_files
-from mbridge.mappings import registry
 from mbridge.specs import ModelSpec, ParallelSpec, check_model_fits
 
 

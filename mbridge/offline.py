@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from mbridge import config as mconfig
+from mbridge.architectures import registry
 from mbridge.io.hf import CheckpointError, HFCheckpoint, atomic_dir, copy_side_files
 from mbridge.io.hf_stream import HFStreamWriter
 from mbridge.io.mcore import (
@@ -42,16 +43,10 @@ from mbridge.io.mcore import (
     resolve,
     write_hf_files,
 )
-from mbridge.mappings import registry
+from mbridge.keys import split_index
 from mbridge.mappings.core import Mapping
-from mbridge.mappings.stacked import restack, split_index, stacked_counts
-from mbridge.sharding.dist_checkpoint import (
-    checkpoint_key,
-    expected_shape,
-    extra_state_keys,
-    region,
-    to_chunks,
-)
+from mbridge.mappings.stacked import restack, stacked_counts
+from mbridge.sharding.dist_checkpoint import checkpoint_key, extra_state_keys, region, to_chunks
 from mbridge.specs import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,8 +67,12 @@ class _Silent:
         pass
 
 
+def _shape(spec: ModelSpec, mcore_key: str) -> tuple[int, ...]:
+    return registry.get(spec.architecture).mcore_shape(spec, mcore_key)
+
+
 def _meta_mcore(group: Mapping, spec: ModelSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(expected_shape(spec, k), dtype=dtype, device="meta")
+    return {k: torch.empty(_shape(spec, k), dtype=dtype, device="meta")
             for k in group.mcore_keys}
 
 
@@ -89,7 +88,7 @@ def check_supported(groups: tuple[Mapping, ...], spec: ModelSpec) -> None:
     unknown = []
     for key in (k for g in groups for k in g.mcore_keys):
         try:
-            expected_shape(spec, key)
+            _shape(spec, key)
         except KeyError:
             unknown.append(key)
     if unknown:
@@ -155,8 +154,8 @@ def import_hf(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
                 mcore = {k: v if k.endswith("expert_bias") else v.to(cast)
                          for k, v in mcore.items()}
             out_dtype = next(iter(mcore.values())).dtype
-            objects = dict.fromkeys(extra_state_keys(mcore, spec.num_layers, spec))
-            written += writer.write(to_chunks(mcore, spec.num_layers, spec), objects)
+            objects = dict.fromkeys(extra_state_keys(mcore, spec))
+            written += writer.write(to_chunks(mcore, spec), objects)
             del mcore
             ckpt.close()  # drop the mmaps, so pages read stay out of this process' memory
             bar.update(sum(ckpt.nbytes(k) for k in group.hf_keys))
@@ -184,7 +183,7 @@ def check_mcore(reader: McoreReader, groups: tuple[Mapping, ...], spec: ModelSpe
     problems = []
     for group in groups:
         for key, layout in group.mcore_layouts.items():
-            reg = region(key, expected_shape(spec, key), spec.num_layers, spec)
+            reg = region(key, _shape(spec, key), spec)
             if reg.key not in reader.keys():
                 problems.append(f"{reg.key} is missing")
                 continue
@@ -204,8 +203,8 @@ def read_mcore_group(reader: McoreReader, group: Mapping,
     """The global (TP=1, unpadded) mcore tensors of ``group`` read from the checkpoint."""
     out = {}
     for key in group.mcore_keys:
-        shape = expected_shape(spec, key)
-        out[key] = reader.read_region(region(key, shape, spec.num_layers, spec)).reshape(shape)
+        shape = _shape(spec, key)
+        out[key] = reader.read_region(region(key, shape, spec)).reshape(shape)
     return out
 
 
@@ -223,7 +222,7 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
     counts = stacked_counts(k for g in groups for k in g.hf_keys)  # rows name[e] -> name
 
     def meta_hf(group):
-        meta = {k: v.to(reader.dtype(checkpoint_key(k, spec)[0]))
+        meta = {k: v.to(reader.dtype(checkpoint_key(k, spec)))
                 for k, v in _meta_mcore(group, spec, torch.float32).items()}
         return group.to_hf(meta).items()
 

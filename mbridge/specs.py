@@ -123,7 +123,7 @@ class ModelSpec(Spec, frozen=True, kw_only=True):
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
-    activation: Literal["silu", "quick_gelu"] = "silu"
+    activation: Literal["silu", "quick_gelu", "gelu_tanh"] = "silu"
     # GPT-OSS and friends: a bias on every linear layer (Megatron-Core ``add_bias_linear``),
     # a learnable per-head sink logit in the attention softmax, the sliding window on the
     # layers marked True only (None: all layers), and the GLU ``act(gate) * (up + offset)``
@@ -133,6 +133,18 @@ class ModelSpec(Spec, frozen=True, kw_only=True):
     window_layers: tuple[bool, ...] | None = None
     glu_linear_offset: float = 0.0
     activation_clamp: float | None = None
+    # Gemma 2/3: RMSNorm scaling by ``1 + weight``; norms on the attention and MLP outputs
+    # before their residual adds; embeddings multiplied by ``embedding_scale``; a softmax
+    # scale of ``attention_scale`` (None: 1/sqrt(head_dim)); attention and final logits
+    # soft-capped as ``cap * tanh(x / cap)``; ``local_rope`` on the sliding-window layers
+    # (None: ``rope`` on every layer).
+    zero_centered_norm: bool = False
+    post_norms: bool = False
+    embedding_scale: float | None = None
+    attention_scale: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    local_rope: RopeSpec | None = None
     moe: MoESpec | None = None
     mla: MLASpec | None = None
 

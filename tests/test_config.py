@@ -6,6 +6,7 @@ import torch
 from models import CONFIGS, hf_config
 
 from mbridge import config as mconfig
+from mbridge import rope
 from mbridge.specs import ModelSpec, ParallelSpec
 
 
@@ -30,7 +31,7 @@ def test_rope_inv_freq_equals_transformers(name):
             torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
     else:
         expected, _ = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
-    assert torch.equal(mconfig.rope_inv_freq(spec.rope, spec.head_dim), expected)
+    assert torch.equal(rope.rope_inv_freq(spec.rope, spec.head_dim), expected)
 
 
 def test_transformer_config_kwargs_carry_the_architecture():

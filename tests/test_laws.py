@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import model_specs, random_hf_tree, tp_sizes
 
-from mbridge.mappings import get
+from mbridge.architectures import get
 from mbridge.mappings.ops import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 from mbridge.sharding import shard_tree, unshard_tree
 from mbridge.sharding.layout import COLUMN, GATED_COLUMN, ROW, shard, unshard, vocab_layout
@@ -105,7 +105,7 @@ def test_vocab_padding_round_trip(vocab, tp, multiple):
 
 
 def test_te_names_invert():
-    from mbridge.mappings.core import local_key, te_key
+    from mbridge.keys import local_key, te_key
 
     for key in ("decoder.layers.3.input_layernorm.weight",
                 "decoder.layers.0.pre_mlp_layernorm.weight",

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mbridge.mappings.stacked import split_index
+from mbridge.keys import split_index
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -116,29 +116,3 @@ def at(mapping: Mapping, **slots: int) -> Mapping:
 def per_layer(template: Mapping, num_layers: int) -> tuple[Mapping, ...]:
     """One mapping per layer from a template written with ``{i}``."""
     return tuple(at(template, i=i) for i in range(num_layers))
-
-
-# Transformer Engine's layer spec fuses the pre-attention and pre-MLP norms into the following
-# linear layer (megatron/core/models/gpt/gpt_layer_specs.py), which renames their weights.
-_TE_SUFFIXES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
-
-
-def te_key(key: str) -> str:
-    """The Transformer Engine spec's name for a local-spec mcore key:
-    ``"decoder.layers.0.input_layernorm.weight"`` ->
-    ``"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"``."""
-    for local, te in _TE_SUFFIXES.items():
-        if key.endswith("." + local):
-            return key[: -len(local)] + te
-    return key
-
-
-def local_key(key: str) -> str:
-    """Inverse of ``te_key``."""
-    for local, te in _TE_SUFFIXES.items():
-        if key.endswith("." + te):
-            return key[: -len(te)] + local
-    return key

@@ -13,26 +13,12 @@ export ``restack`` puts the rows back together.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from mbridge.keys import index_key, split_index
 from mbridge.specs import Spec
-
-_INDEXED = re.compile(r"^(.*)\[(\d+)\]$")
-
-
-def index_key(key: str, index: int) -> str:
-    """``("x.down_proj", 3) -> "x.down_proj[3]"``"""
-    return f"{key}[{index}]"
-
-
-def split_index(key: str) -> tuple[str, int | None]:
-    """Inverse of ``index_key``: ``"x.down_proj[3]" -> ("x.down_proj", 3)``;
-    ``"x.weight" -> ("x.weight", None)``."""
-    match = _INDEXED.match(key)
-    return (match.group(1), int(match.group(2))) if match else (key, None)
 
 
 def unstack(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -15,13 +15,10 @@ group size and rank for a layout.
 
 from __future__ import annotations
 
-import re
-
+from mbridge import keys
 from mbridge.sharding.layout import Layout
 from mbridge.sharding.plan import key_placement
 from mbridge.specs import ModelSpec, ParallelSpec, RankSpec
-
-_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 RankPlacement = tuple[int, int, int | None, str]  # (pp rank, vpp chunk, ep rank | None, local key)
 
@@ -39,26 +36,18 @@ def local_experts(num_experts: int, ep: int, ep_rank: int) -> range:
     return range(ep_rank * n, (ep_rank + 1) * n)
 
 
-def expert_of(key: str) -> int | None:
-    """The expert index a key names, or None. ``"...local_experts.5.linear_fc1.weight" -> 5``"""
-    match = _EXPERT.search(key)
-    return int(match.group(1)) if match else None
-
-
 def expert_placement(key: str, num_experts: int, ep: int) -> tuple[int | None, str]:
     """``(ep rank, key with the local expert index)`` for an expert key; ``(None, key)`` for
     any other key (held by every EP rank).
     ``("d.layers.0.mlp.experts.local_experts.5.linear_fc1.weight", 8, 2)`` ->
     ``(1, "d.layers.0.mlp.experts.local_experts.1.linear_fc1.weight")``."""
-    match = _EXPERT.search(key)
-    if not match:
+    e = keys.expert_of(key)
+    if e is None:
         return None, key
     n = experts_per_rank(num_experts, ep)
-    e = int(match.group(1))
     if e >= num_experts:
         raise ValueError(f"{key}: expert {e} is outside 0..{num_experts - 1}")
-    local = f"{key[:match.start(1)]}{e % n}{key[match.end(1):]}"
-    return e // n, local
+    return e // n, keys.with_expert(key, e % n)
 
 
 def placement(key: str, spec: ModelSpec, parallel: ParallelSpec) -> tuple[RankPlacement, ...]:

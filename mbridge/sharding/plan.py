@@ -8,8 +8,8 @@ chunk ``v`` of every stage comes before chunk ``v + 1`` of any stage in layer or
 
 from __future__ import annotations
 
-import re
-
+from mbridge import keys
+from mbridge.keys import EMBEDDING, OUTPUT
 from mbridge.specs import ParallelSpec
 
 Placement = tuple[int, int, int]  # (pp rank, vpp chunk, local layer index)
@@ -71,9 +71,6 @@ def last_chunk(parallel: ParallelSpec) -> tuple[int, int]:
     return parallel.pp - 1, parallel.vpp_size - 1
 
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT = "output_layer.weight"
 
 
 def key_placement(key: str, num_layers: int, parallel: ParallelSpec,
@@ -85,10 +82,10 @@ def key_placement(key: str, num_layers: int, parallel: ParallelSpec,
     keeps that copy in sync itself); everything else outside the layers sits in the last chunk.
     ``("decoder.layers.3.mlp.linear_fc2.weight", 4, pp=2) -> ((1, 0, "decoder.layers.1..."),)``
     """
-    match = _LAYER.match(key)
-    if match:
-        stage, chunk, local = layer_placement(num_layers, parallel)[int(match.group(1))]
-        return ((stage, chunk, f"decoder.layers.{local}.{key[match.end():]}"),)
+    found = keys.layer_of(key)
+    if found is not None:
+        stage, chunk, local = layer_placement(num_layers, parallel)[found[0]]
+        return ((stage, chunk, keys.with_layer(local, found[1])),)
     if key == EMBEDDING:
         places = [(*first_chunk(parallel), key)]
         if tie_embeddings and parallel.pp > 1:

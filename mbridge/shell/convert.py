@@ -18,10 +18,11 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from mbridge import keys
 from mbridge.io.hf import CheckpointError, HFCheckpoint
-from mbridge.mappings.core import Mapping, local_key
-from mbridge.mappings.moe import sequential_key
-from mbridge.mappings.stacked import coverage, restack, split_index, stacked_counts
+from mbridge.keys import local_key, sequential_key, split_index
+from mbridge.mappings.core import Mapping
+from mbridge.mappings.stacked import coverage, restack, stacked_counts
 from mbridge.sharding import shard, shard_ranges, unshard
 from mbridge.sharding.expert import placement
 from mbridge.specs import ModelSpec, ParallelSpec, RankSpec
@@ -120,8 +121,8 @@ def check_coverage(ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSpe
                               f"needs, e.g. {list(cover.missing[:3])}")
     if cover.repeated:
         raise CheckpointError(f"mapping reads {list(cover.repeated[:3])} more than once")
-    layers = tuple(f"model.layers.{i}." for i in range(spec.num_layers))
-    left = [k for k in cover.unread if k.startswith(layers) and not k.endswith("inv_freq")]
+    left = [k for k in cover.unread if keys.hf_layer_of(k) in range(spec.num_layers)
+            and not k.endswith("inv_freq")]
     if left:
         raise CheckpointError(f"{ckpt.path} holds {len(left)} tensors of the model's layers "
                               f"that the {spec.architecture} mapping does not read, e.g. "

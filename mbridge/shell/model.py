@@ -1,21 +1,32 @@
 """Build Megatron-Core ``GPTModel`` chunks for this rank from a ModelSpec and ParallelSpec.
 
-Layer spec: Transformer Engine's when TE is installed and CUDA is present, Megatron-Core's
-local spec otherwise. Rotary frequencies are set from ``config.rope_inv_freq`` so every rope
-variant HF supports rotates identically here.
+Each architecture names its layer builder (``Architecture.layer_builder``); ``BUILDERS``
+maps the name to a ``Builder``: ``layers`` gives the layer spec GPTModel takes for one
+virtual stage, ``finish`` adjusts the built chunk (rotary frequencies; for Gemma, embedding
+scale and logit soft-capping). ``"gpt"``: Transformer Engine's spec when TE is installed and
+CUDA is present, else Megatron-Core's local spec with SDPA attention; ``"gpt_block"``:
+Megatron-Core's decoder block spec (MoE or dense MLP per layer, multi-latent attention).
+Rotary frequencies are set from ``rope.rope_inv_freq`` so every rope variant HF supports
+rotates identically here.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from mbridge import config as mconfig
-from mbridge.sharding.moe_checkpoint import checkpoint_renames
+from mbridge.architectures import registry
+from mbridge.rope import rope_inv_freq
+from mbridge.sharding.dist_checkpoint import checkpoint_renames
 from mbridge.specs import ModelSpec, ParallelSpec
 
-_ACTIVATIONS = {"silu": torch.nn.functional.silu}
+_ACTIVATIONS = {"silu": torch.nn.functional.silu,
+                "gelu_tanh": partial(torch.nn.functional.gelu, approximate="tanh")}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,10 +78,56 @@ def layer_spec(spec: ModelSpec, use_te: bool | None = None, attention: str = "sd
     return specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
 
 
+@dataclass(frozen=True)
+class Builder:
+    """How the shell builds one architecture's layers: ``layers(spec, cfg, use_te=, attention=,
+    vp_stage=, pp_rank=)`` -> the layer spec GPTModel takes; ``finish(model, spec)`` after
+    GPTModel is built (rotary frequencies and anything else the layers need)."""
+
+    layers: Callable
+    finish: Callable
+
+
+def _gpt_layers(spec: ModelSpec, cfg, *, use_te: bool, attention: str, vp_stage, pp_rank):
+    return layer_spec(spec, use_te, attention)
+
+
+def _block_layers(spec: ModelSpec, cfg, *, use_te: bool, attention: str, vp_stage, pp_rank):
+    return block_spec(cfg, use_te, attention, vp_stage, pp_rank)
+
+
+def set_rope(model, spec: ModelSpec) -> None:
+    """Rotary frequencies computed as transformers does (``rope.rope_inv_freq``): on the
+    model, or with multi-latent attention on each layer's attention (over its rope dims)."""
+    if spec.mla is None:
+        model.rotary_pos_emb.inv_freq = rope_inv_freq(spec.rope, spec.head_dim)
+        return
+    inv_freq = rope_inv_freq(spec.rope, spec.mla.qk_rope_head_dim)
+    for layer in model.decoder.layers:
+        layer.self_attention.rotary_pos_emb.inv_freq = inv_freq.clone()
+
+
+BUILDERS: dict[str, Builder] = {
+    "gpt": Builder(_gpt_layers, set_rope),
+    "gpt_block": Builder(_block_layers, set_rope),
+}
+
+
+def builder_of(spec: ModelSpec) -> Builder:
+    name = registry.get(spec.architecture).layer_builder
+    if name not in BUILDERS:
+        raise ValueError(f"{spec.architecture} names layer builder {name!r}, which the shell "
+                         f"does not have (known: {', '.join(sorted(BUILDERS))})")
+    return BUILDERS[name]
+
+
 def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
                  dtype: str = "float32", use_te: bool | None = None, attention: str = "sdpa",
-                 device: torch.device | str | None = None, **config_extra) -> list:
-    """This pipeline rank's model chunks (one per virtual stage), on ``device``."""
+                 device: torch.device | str | None = None, pg_collection=None,
+                 **config_extra) -> list:
+    """This pipeline rank's model chunks (one per virtual stage), on ``device``, on the
+    process groups ``pg_collection`` (Megatron-Core's ``ProcessGroupCollection``; None: the
+    groups ``parallel_state`` holds)."""
     from megatron.core.models.gpt import GPTModel
 
     te = use_te if use_te is not None else have_te()
@@ -83,18 +140,19 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
         te = False
     if spec.moe is not None and te:
         config_extra.setdefault("moe_grouped_gemm", True)  # TEGroupedMLP
+    build = builder_of(spec)
     cfg = transformer_config(spec, parallel, dtype, **config_extra)
-    lspec = layer_spec(spec, use_te, attention)
     chunks = []
     for vp in range(parallel.vpp_size):
         first = pp_rank == 0 and vp == 0
         last = pp_rank == parallel.pp - 1 and vp == parallel.vpp_size - 1
         vp_stage = vp if parallel.vpp else None
-        if spec.moe is not None or spec.mla is not None:
-            lspec = block_spec(cfg, te, attention, vp_stage, pp_rank)
+        lspec = build.layers(spec, cfg, use_te=te, attention=attention, vp_stage=vp_stage,
+                             pp_rank=pp_rank)
+        extra = {} if pg_collection is None else dict(pg_collection=pg_collection)
         model = GPTModel(cfg, lspec, pre_process=first, post_process=last, vp_stage=vp_stage,
-                         **mconfig.gpt_model_kwargs(spec, parallel))
-        set_rope(model, spec)
+                         **mconfig.gpt_model_kwargs(spec, parallel), **extra)
+        build.finish(model, spec)
         cast_torch_norms(model, cfg.params_dtype)
         if device is not None:
             model.to(device)
@@ -136,23 +194,12 @@ def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank:
         sub = layer.submodules
         if attention == "sdpa":
             sub.self_attention.submodules.core_attention = SDPAttention
-        # checkpoint names as Transformer Engine's spec writes them (sharding/moe_checkpoint)
+        # checkpoint names as Transformer Engine's spec writes them (sharding/dist_checkpoint)
         sub.sharded_state_dict_keys_map = checkpoint_renames(
             sub.mlp.module is MoELayer, cfg.multi_latent_attention)
         layers.append(layer)
     block.layer_specs = layers
     return block
-
-
-def set_rope(model, spec: ModelSpec) -> None:
-    """Rotary frequencies computed as transformers does (``config.rope_inv_freq``): on the
-    model, or with multi-latent attention on each layer's attention (over its rope dims)."""
-    if spec.mla is None:
-        model.rotary_pos_emb.inv_freq = mconfig.rope_inv_freq(spec.rope, spec.head_dim)
-        return
-    inv_freq = mconfig.rope_inv_freq(spec.rope, spec.mla.qk_rope_head_dim)
-    for layer in model.decoder.layers:
-        layer.self_attention.rotary_pos_emb.inv_freq = inv_freq.clone()
 
 
 def wrap_ddp(chunks: list, ddp_config=None) -> list:

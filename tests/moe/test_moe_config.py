@@ -10,6 +10,7 @@ import torch
 from moe_models import CONFIGS, hf_config
 
 from mbridge import config as mconfig
+from mbridge import rope
 from mbridge.specs import ParallelSpec, check_model_fits
 
 
@@ -50,7 +51,7 @@ def test_megatron_settings_per_architecture():
     assert oss["window_attn_skip_freq"] == [1, 0, 1, 0] and oss["window_size"] == (4, 0)
     assert (oss["activation_func"], oss["glu_linear_offset"]) == ("quick_gelu", 1.0)
     assert oss["activation_func_clamp_value"] == 1.5
-    scale = mconfig.rope_attention_factor(mconfig.from_hf_config(
+    scale = rope.rope_attention_factor(mconfig.from_hf_config(
         hf_config("gpt_oss").to_dict()).rope) ** 2 / 4.0  # head_dim 16
     assert oss["softmax_scale"] == pytest.approx(scale) and scale > 1 / 4.0
 

@@ -3,7 +3,7 @@
 Transformer Engine, so on this CPU machine neither builds (checked below). What mbridge does
 differently for them is naming: TEGroupedMLP holds expert ``j``'s tensors as
 ``mlp.experts.linear_fc1.weight{j}`` (TE ``GroupedLinear``); conversion reads such names back
-as SequentialMLP's (``mappings.moe.sequential_key``). The test runs import and export through
+as SequentialMLP's (``keys.sequential_key``). The test runs import and export through
 a real Megatron-Core model whose state dict shows TEGroupedMLP's names. Distributed
 checkpoints need nothing: TEGroupedMLP's ``sharded_state_dict`` writes SequentialMLP's keys
 (megatron/core/transformer/moe/experts.py), whose layout tests/moe/test_moe_offline.py checks.
@@ -16,7 +16,7 @@ from test_moe_parity import TOL
 
 from mbridge import AutoBridge, config
 from mbridge.io.hf import HFCheckpoint
-from mbridge.mappings.moe import grouped_key
+from mbridge.keys import grouped_key
 from mbridge.shell import forward
 from mbridge.specs import ParallelSpec
 

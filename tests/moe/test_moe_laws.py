@@ -20,8 +20,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from strategies import MOE_ARCHITECTURES, moe_specs
 
-from mbridge.mappings import registry
-from mbridge.mappings.moe import deinterleave, grouped_key, interleave, sequential_key
+from mbridge.architectures import registry
+from mbridge.architectures.moe import deinterleave, interleave
+from mbridge.keys import grouped_key, sequential_key
 from mbridge.mappings.stacked import (
     coverage,
     index_key,
@@ -34,7 +35,6 @@ from mbridge.mappings.stacked import (
     unstack_tree,
 )
 from mbridge.sharding import shard, shard_tree, unshard
-from mbridge.sharding.dist_checkpoint import expected_shape
 from mbridge.sharding.expert import expert_placement, local_experts, split_of
 from mbridge.sharding.layout import Layout
 from mbridge.specs import ParallelSpec, RankSpec
@@ -42,6 +42,11 @@ from mbridge.specs import ParallelSpec, RankSpec
 SETTINGS = settings(max_examples=25, deadline=None)
 STACKABLE = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
              "DeepseekV3ForCausalLM")
+
+
+def expected_shape(spec, key):
+    """The shape the architecture declares for an mcore tensor (``Architecture.mcore_shape``)."""
+    return registry.get(spec.architecture).mcore_shape(spec, key)
 
 
 def groups_of(spec, **options):

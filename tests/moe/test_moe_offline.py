@@ -1,5 +1,5 @@
 """MoE models through a Megatron-Core distributed checkpoint: the pure layout
-(mbridge/sharding/moe_checkpoint.py) equals what Megatron-Core's ``sharded_state_dict()``
+(mbridge/sharding/dist_checkpoint.py) equals what Megatron-Core's ``sharded_state_dict()``
 produces for every MoE architecture (experts stacked on an expert axis, layer axis or
 per-layer keys, Transformer Engine's norm names, extra states); HF -> distributed checkpoint
 -> HF is bit-exact for both HF expert layouts; a checkpoint loads at EP=2 and TP=2 x EP=2
@@ -18,13 +18,18 @@ from test_moe_parity import SCRIPT, STACKED, TOL, tensors
 
 from mbridge import config as mconfig
 from mbridge import offline
-from mbridge.mappings import registry
-from mbridge.sharding.dist_checkpoint import expected_shape, extra_state_keys, pieces
+from mbridge.architectures import registry
+from mbridge.sharding.dist_checkpoint import extra_state_keys, pieces
 from mbridge.sharding.layout import padded_vocab_size
 from mbridge.specs import ParallelSpec
 
 NAMES = sorted(CONFIGS)
 LAYOUTS = ["ep=2", "tp=2,ep=2"]
+
+
+def expected_shape(spec, key):
+    """The shape the architecture declares for an mcore tensor (``Architecture.mcore_shape``)."""
+    return registry.get(spec.architecture).mcore_shape(spec, key)
 
 
 def megatron_layout(spec):
@@ -59,11 +64,11 @@ def test_layout_is_megatrons(name):
     padded = padded_vocab_size(spec.vocab_size, 1)
     for key, layout in layouts.items():
         mine = sorted((p.key, p.global_shape, p.offset, p.shape) for p in
-                      pieces(key, expected_shape(spec, key), layout, spec.num_layers, spec))
+                      pieces(key, expected_shape(spec, key), layout, spec))
         if layout.vocab_size is not None:  # stored unpadded; Megatron allows the mismatch
             mine = [(k, (padded, *g[1:]), o, (padded, *s[1:])) for k, g, o, s in mine]
         assert mine == theirs[key], key
-    assert set(extra_state_keys(layouts, spec.num_layers, spec)) == their_objects
+    assert set(extra_state_keys(layouts, spec)) == their_objects
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,9 @@ from models import CONFIGS, hf_config
 from safetensors.torch import load_file
 
 from mbridge import config as mconfig
+from mbridge.architectures import registry
 from mbridge.io.hf_stream import HFStreamWriter, plan_shards
-from mbridge.mappings import registry
 from mbridge.sharding.dist_checkpoint import (
-    expected_shape,
     extra_state_keys,
     pieces,
     region,
@@ -26,6 +25,11 @@ from mbridge.sharding.dist_checkpoint import (
 )
 from mbridge.sharding.layout import padded_vocab_size
 from mbridge.specs import ParallelSpec
+
+
+def expected_shape(spec, key):
+    """The shape the architecture declares for an mcore tensor (``Architecture.mcore_shape``)."""
+    return registry.get(spec.architecture).mcore_shape(spec, key)
 
 
 def megatron_layout(spec):
@@ -62,11 +66,11 @@ def test_layout_is_megatrons(name):
     for key, layout in layouts.items():
         vocab = layout.vocab_size is not None
         mine = sorted((p.key, p.global_shape, p.offset, p.shape, vocab)
-                      for p in pieces(key, expected_shape(spec, key), layout, spec.num_layers))
+                      for p in pieces(key, expected_shape(spec, key), layout, spec))
         if vocab:  # stored unpadded; Megatron's model is padded and allows the mismatch
             mine = [(k, (padded, *g[1:]), o, (padded, *s[1:]), m) for k, g, o, s, m in mine]
         assert mine == theirs[key], key
-    assert set(extra_state_keys(layouts, spec.num_layers)) == their_objects
+    assert set(extra_state_keys(layouts, spec)) == their_objects
 
 
 def test_chunks_reassemble_the_stacked_tensor():
@@ -78,7 +82,7 @@ def test_chunks_reassemble_the_stacked_tensor():
     for group in groups:
         tree = {k: torch.randn(expected_shape(spec, k), generator=gen) for k in group.mcore_keys}
         trees.append(tree)
-        for reg, chunk in to_chunks(tree, spec.num_layers):
+        for reg, chunk in to_chunks(tree, spec):
             assert tuple(chunk.shape) == reg.shape
             out = stacked.setdefault(reg.key, torch.full(reg.global_shape, float("nan")))
             box = out
@@ -88,7 +92,7 @@ def test_chunks_reassemble_the_stacked_tensor():
             box.copy_(chunk)
     for tree in trees:
         for key, tensor in tree.items():
-            reg = region(key, tuple(tensor.shape), spec.num_layers)
+            reg = region(key, tuple(tensor.shape), spec)
             got = stacked[reg.key][reg.offset[0]] if len(reg.shape) > tensor.dim() \
                 else stacked[reg.key]
             assert torch.equal(got, tensor), key

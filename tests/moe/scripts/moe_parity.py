@@ -24,7 +24,7 @@ from models import hf_logits, sample_ids
 from safetensors.torch import load_file
 
 from mbridge import AutoBridge
-from mbridge.mappings.stacked import split_index
+from mbridge.keys import split_index
 from mbridge.sharding.plan import layer_placement
 from mbridge.shell import dist as mdist
 from mbridge.shell import forward

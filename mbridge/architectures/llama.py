@@ -1,7 +1,7 @@
 """LlamaForCausalLM (Llama 2, Llama 3/3.1/3.2 including llama3 rope scaling)."""
 
-from mbridge.mappings import dense
-from mbridge.mappings.registry import Architecture, register
+from mbridge.architectures import dense
+from mbridge.architectures.registry import Architecture, register
 
 
 def from_hf_config(cfg):
@@ -15,4 +15,5 @@ def to_hf_config(spec):
     return dense.spec_to_hf(spec, "llama", attention_bias=False, mlp_bias=False)
 
 
-LLAMA = register(Architecture("LlamaForCausalLM", from_hf_config, to_hf_config, dense.mapping))
+LLAMA = register(Architecture("LlamaForCausalLM", from_hf_config, to_hf_config, dense.mapping,
+                              dense.layer_shapes, dense.mcore_config))

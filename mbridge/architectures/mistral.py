@@ -1,7 +1,7 @@
 """MistralForCausalLM: Llama layout plus an optional sliding attention window."""
 
-from mbridge.mappings import dense
-from mbridge.mappings.registry import Architecture, register
+from mbridge.architectures import dense
+from mbridge.architectures.registry import Architecture, register
 
 
 def from_hf_config(cfg):
@@ -12,4 +12,5 @@ def to_hf_config(spec):
     return dense.spec_to_hf(spec, "mistral", sliding_window=spec.sliding_window)
 
 
-MISTRAL = register(Architecture("MistralForCausalLM", from_hf_config, to_hf_config, dense.mapping))
+MISTRAL = register(Architecture("MistralForCausalLM", from_hf_config, to_hf_config, dense.mapping,
+                                dense.layer_shapes, dense.mcore_config))

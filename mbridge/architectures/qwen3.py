@@ -1,7 +1,7 @@
 """Qwen3ForCausalLM: Llama layout with RMS norms on q and k per head; head_dim is free."""
 
-from mbridge.mappings import dense
-from mbridge.mappings.registry import Architecture, register
+from mbridge.architectures import dense
+from mbridge.architectures.registry import Architecture, register
 
 
 def from_hf_config(cfg):
@@ -16,4 +16,5 @@ def to_hf_config(spec):
     return dense.spec_to_hf(spec, "qwen3", attention_bias=False, use_sliding_window=False)
 
 
-QWEN3 = register(Architecture("Qwen3ForCausalLM", from_hf_config, to_hf_config, dense.mapping))
+QWEN3 = register(Architecture("Qwen3ForCausalLM", from_hf_config, to_hf_config, dense.mapping,
+                              dense.layer_shapes, dense.mcore_config))

@@ -8,7 +8,7 @@ mcore names follow megatron/core/transformer/moe/ with the local layer spec: the
 (SequentialMLP), the shared expert ``mlp.shared_experts.linear_fc1/linear_fc2.weight`` and its
 gate ``mlp.shared_experts.gate_weight`` ``[1, hidden]``. Expert indices in mappings are
 global; ``mbridge.sharding.expert`` places them on EP ranks. TEGroupedMLP names the same
-tensors ``mlp.experts.linear_fc1.weight{e}``: ``grouped_key``/``sequential_key``.
+tensors ``mlp.experts.linear_fc1.weight{e}`` (``keys.grouped_key``/``keys.sequential_key``).
 
 A MoE layer is several mapping groups: one for attention, norms, router and shared expert,
 then one per expert, so that an EP rank reads only its experts and export streams one expert
@@ -17,20 +17,19 @@ at a time.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from mbridge.mappings import dense
+from mbridge.architectures import dense
+from mbridge.keys import HF_LAYER, MC_EXPERT, MC_LAYER
 from mbridge.mappings.core import Mapping, at, chain, fuse, rename
-from mbridge.mappings.dense import HF_LAYER, MC_LAYER
 from mbridge.mappings.ops import fuse_gate_up, split_gate_up
 from mbridge.sharding.layout import COLUMN, GATED_COLUMN, REPLICATED, ROW, Layout, vocab_layout
 from mbridge.specs import ModelSpec
 
 MC_MLP = MC_LAYER + "mlp."
-MC_EXPERT = MC_MLP + "experts.local_experts.{e}."
 EXPERT_COLUMN = Layout(dim=0, expert=True)
 EXPERT_ROW = Layout(dim=1, expert=True)
 EXPERT_GATED = Layout(dim=0, parts=2, expert=True)
@@ -124,18 +123,54 @@ def mapping(spec: ModelSpec, multiple: int, *, attention: Mapping, moe_block: Ma
     return tuple(groups)
 
 
-_SEQUENTIAL = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
-_GROUPED = re.compile(r"\.mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
+def layer_shapes(spec: ModelSpec, layer: int,
+                 attention: Callable[[ModelSpec], dense.Shapes] = dense.attention_shapes
+                 ) -> dense.Shapes:
+    """Every tensor of decoder layer ``layer`` (local-spec names, experts as ``{e}``, TP=1):
+    a dense layer off ``moe.dense_layers``, else router, experts and shared expert."""
+    h, moe = spec.hidden_size, spec.moe
+    out = {"input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,), **attention(spec)}
+    if not moe.is_moe_layer(layer):
+        return {**out, **dense.mlp_shapes("mlp.", spec.ffn_hidden_size, h, spec.linear_bias)}
+    out["mlp.router.weight"] = (moe.num_experts, h)
+    if spec.linear_bias:
+        out["mlp.router.bias"] = (moe.num_experts,)
+    if moe.expert_bias:
+        out["mlp.router.expert_bias"] = (moe.num_experts,)
+    out.update(dense.mlp_shapes("mlp.experts.local_experts.{e}.", moe.ffn_hidden_size, h,
+                                spec.linear_bias))
+    if moe.shared_ffn_hidden_size:
+        out.update(dense.mlp_shapes("mlp.shared_experts.", moe.shared_ffn_hidden_size, h, False))
+        if moe.shared_gate:
+            out["mlp.shared_experts.gate_weight"] = (1, h)
+    return out
 
 
-def grouped_key(key: str) -> str:
-    """SequentialMLP's name -> TEGroupedMLP's:
-    ``"...mlp.experts.local_experts.3.linear_fc1.weight" -> "...mlp.experts.linear_fc1.weight3"``"""
-    m = _SEQUENTIAL.search(key)
-    return f"{key[:m.start()]}.mlp.experts.{m[2]}.{m[3]}{m[1]}" if m else key
+def mcore_config(spec: ModelSpec) -> dict[str, Any]:
+    """The dense settings plus Megatron-Core's MoE settings for ``spec.moe``."""
+    return {**dense.mcore_config(spec), **moe_kwargs(spec)}
 
 
-def sequential_key(key: str) -> str:
-    """Inverse of ``grouped_key``."""
-    m = _GROUPED.search(key)
-    return f"{key[:m.start()]}.mlp.experts.local_experts.{m[3]}.{m[1]}.{m[2]}" if m else key
+def moe_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """Megatron-Core's MoE settings for ``spec.moe`` (megatron/core/transformer/moe/)."""
+    moe = spec.moe
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_ffn_hidden_size,
+        moe_shared_expert_gate=moe.shared_gate,
+        moe_router_score_function=moe.score,
+        moe_router_pre_softmax=moe.pre_softmax,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_num_groups=moe.num_groups,
+        moe_router_group_topk=moe.group_topk,
+        moe_router_topk_scaling_factor=moe.scaling_factor,
+        moe_router_dtype="fp32" if moe.router_fp32 else None,
+        # an int keeps Megatron-Core's homogeneous (layer-stacked) checkpoint layout when
+        # every layer is MoE; a list (mixed dense/MoE) makes it keep per-layer keys
+        moe_layer_freq=[int(moe.is_moe_layer(i)) for i in range(spec.num_layers)]
+        if moe.dense_layers else 1,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="alltoall",
+    )

@@ -1,7 +1,7 @@
 """Qwen2ForCausalLM: Llama layout with biases on q, k and v."""
 
-from mbridge.mappings import dense
-from mbridge.mappings.registry import Architecture, register
+from mbridge.architectures import dense
+from mbridge.architectures.registry import Architecture, register
 
 
 def from_hf_config(cfg):
@@ -14,4 +14,5 @@ def to_hf_config(spec):
     return dense.spec_to_hf(spec, "qwen2", use_sliding_window=False)
 
 
-QWEN2 = register(Architecture("Qwen2ForCausalLM", from_hf_config, to_hf_config, dense.mapping))
+QWEN2 = register(Architecture("Qwen2ForCausalLM", from_hf_config, to_hf_config, dense.mapping,
+                              dense.layer_shapes, dense.mcore_config))

@@ -3,8 +3,8 @@ a softmax router renormalised over the top-k. Hub checkpoints and ``save_pretrai
 them ``block_sparse_moe.experts.{e}.w1/w3/w2`` (gate, up, down); transformers 5 holds them
 stacked under ``mlp.experts`` (and the router as ``mlp.gate``), and either form is read."""
 
-from mbridge.mappings import dense, moe
-from mbridge.mappings.registry import Architecture, register
+from mbridge.architectures import dense, moe
+from mbridge.architectures.registry import Architecture, register
 from mbridge.specs import MoESpec
 
 SPARSE = dense.HF_LAYER + "block_sparse_moe."
@@ -40,4 +40,5 @@ def mapping(spec, multiple=128, stacked=False):
 
 
 MIXTRAL = register(Architecture("MixtralForCausalLM", from_hf_config, to_hf_config, mapping,
+                                moe.layer_shapes, moe.mcore_config, "gpt_block",
                                 hf_options=is_stacked))

@@ -12,13 +12,16 @@ Multi-token-prediction layers (``model.layers.{num_hidden_layers}...`` in hub ch
 are not converted: transformers does not load them either.
 """
 
-from mbridge.mappings import dense, moe
+from typing import Any
+
+from mbridge.architectures import dense, moe
+from mbridge.architectures.qwen3_moe import experts as qwen_experts
+from mbridge.architectures.qwen3_moe import is_stacked
+from mbridge.architectures.registry import Architecture, register
 from mbridge.mappings.core import chain, rename
-from mbridge.mappings.qwen3_moe import experts as qwen_experts
-from mbridge.mappings.qwen3_moe import is_stacked
-from mbridge.mappings.registry import Architecture, register
+from mbridge.rope import rope_attention_factor
 from mbridge.sharding.layout import COLUMN, ROW
-from mbridge.specs import MLASpec, MoESpec
+from mbridge.specs import MLASpec, ModelSpec, MoESpec
 
 M = dense.HF_LAYER + "mlp."
 
@@ -62,8 +65,6 @@ def moe_from_hf(cfg) -> MoESpec:
 
 
 def from_hf_config(cfg):
-    from mbridge.config import rope_attention_factor
-
     check_supported(cfg)
     mla = MLASpec(q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
                   qk_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
@@ -118,5 +119,55 @@ def mapping(spec, multiple=128, stacked=False):
                        expert_template=qwen_experts(stacked))
 
 
+def attention_shapes(spec: ModelSpec) -> dense.Shapes:
+    """One layer's multi-latent attention tensors (local-spec names, TP=1)."""
+    h, heads, m, a = spec.hidden_size, spec.num_heads, spec.mla, "self_attention."
+    q_dim = heads * (m.qk_head_dim + m.qk_rope_head_dim)
+    out = {a + "linear_kv_down_proj.weight": (m.kv_lora_rank + m.qk_rope_head_dim, h),
+           a + "kv_layernorm.weight": (m.kv_lora_rank,),
+           a + "linear_kv_up_proj.weight": (heads * (m.qk_head_dim + m.v_head_dim),
+                                             m.kv_lora_rank),
+           a + "linear_proj.weight": (h, heads * m.v_head_dim)}
+    if m.q_lora_rank is None:
+        out[a + "linear_q_proj.weight"] = (q_dim, h)
+    else:
+        out.update({a + "linear_q_down_proj.weight": (m.q_lora_rank, h),
+                    a + "q_layernorm.weight": (m.q_lora_rank,),
+                    a + "linear_q_up_proj.weight": (q_dim, m.q_lora_rank)})
+    return out
+
+
+def layer_shapes(spec: ModelSpec, layer: int) -> dense.Shapes:
+    return moe.layer_shapes(spec, layer, attention=attention_shapes)
+
+
+def mcore_config(spec: ModelSpec) -> dict[str, Any]:
+    return {**moe.mcore_config(spec), **mla_kwargs(spec)}
+
+
+def mla_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """``MLATransformerConfig`` settings. Rotary frequencies are set by the shell
+    (``rope_inv_freq`` over ``qk_rope_head_dim``), so rope_type is plain "rope"; the
+    softmax scale takes yarn's ``mscale_all_dim`` through ``rotary_scaling_factor``, as
+    transformers' ``yarn_apply_mscale`` does."""
+    mla, rope = spec.mla, spec.rope
+    scaled = rope.kind != "default" and bool(rope.mscale_all_dim)
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_head_dim=mla.qk_head_dim,
+        qk_pos_emb_head_dim=mla.qk_rope_head_dim,
+        v_head_dim=mla.v_head_dim,
+        kv_channels=mla.v_head_dim,
+        qk_layernorm=True,  # builds the q and kv latent norms
+        rope_type="rope",
+        rotary_base=rope.theta,
+        rotary_scaling_factor=rope.factor if scaled else 1.0,
+        mscale_all_dim=rope.mscale_all_dim if scaled else 0.0,
+    )
+
+
 DEEPSEEK_V3 = register(Architecture("DeepseekV3ForCausalLM", from_hf_config, to_hf_config,
-                                    mapping, hf_options=is_stacked))
+                                    mapping, layer_shapes, mcore_config, "gpt_block",
+                                    hf_options=is_stacked))

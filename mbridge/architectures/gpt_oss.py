@@ -13,15 +13,15 @@ becomes ``linear_fc1`` ``[2 * ffn, hidden]`` (de-interleaved, transposed) and ``
 not read: dequantise them first.
 """
 
-from mbridge.mappings import dense, moe
+from mbridge.architectures import dense, moe
+from mbridge.architectures.registry import Architecture, register
+from mbridge.keys import MC_EXPERT
 from mbridge.mappings.core import chain, rename
-from mbridge.mappings.registry import Architecture, register
 from mbridge.sharding.layout import COLUMN, REPLICATED, Layout
 from mbridge.specs import MoESpec
 
 QUICK_GELU_ALPHA = 1.702  # megatron/core/fusions/fused_bias_geglu.py quick_gelu
 A, M = dense.HF_LAYER + "self_attn.", dense.HF_LAYER + "mlp."
-MC_EXPERT = moe.MC_EXPERT
 
 
 def from_hf_config(cfg):
@@ -96,4 +96,5 @@ def mapping(spec, multiple=128):
                        expert_template=expert())
 
 
-GPT_OSS = register(Architecture("GptOssForCausalLM", from_hf_config, to_hf_config, mapping))
+GPT_OSS = register(Architecture("GptOssForCausalLM", from_hf_config, to_hf_config, mapping,
+                                moe.layer_shapes, moe.mcore_config, "gpt_block"))

@@ -2,22 +2,26 @@
 pair and mapping. Per-architecture files only state what differs.
 
 HF names follow ``transformers/models/llama/modeling_llama.py``; mcore names follow the
-local layer spec of ``megatron/core/models/gpt/gpt_layer_specs.py``; ``core.te_key`` gives
-the Transformer Engine spec's names).
+local layer spec of ``megatron/core/models/gpt/gpt_layer_specs.py`` (``keys.te_key`` gives
+the Transformer Engine spec's names). Next to each mapping template sits the table of the
+Megatron-Core tensors it writes (``attention_shapes``, ``mlp_shapes``): the one source of what
+a distributed checkpoint of the model holds.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
+from mbridge.keys import HF_LAYER, MC_LAYER
 from mbridge.mappings.core import Mapping, at, chain, fuse, rename
 from mbridge.mappings.ops import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
+from mbridge.rope import rope_attention_factor
 from mbridge.sharding.layout import COLUMN, GATED_COLUMN, REPLICATED, ROW, vocab_layout
 from mbridge.specs import ModelSpec, RopeSpec
 
-HF_LAYER = "model.layers.{i}."
-MC_LAYER = "decoder.layers.{i}."
+Shapes = dict[str, tuple[int, ...]]
 
 
 def rope_from_hf(cfg: dict[str, Any]) -> RopeSpec:
@@ -149,3 +153,60 @@ def mapping(spec: ModelSpec, multiple: int = 128) -> tuple[Mapping, ...]:
         tail.append(rename("lm_head.weight", "output_layer.weight", vocab))
     groups.append(chain(*tail))
     return tuple(groups)
+
+
+def attention_shapes(spec: ModelSpec) -> Shapes:
+    """Shapes of one layer's attention tensors (local-spec names, TP=1)."""
+    h, heads, d = spec.hidden_size, spec.num_heads, spec.head_dim
+    a = "self_attention."
+    qkv = (heads + 2 * spec.num_kv_heads) * d
+    out = {a + "linear_qkv.weight": (qkv, h), a + "linear_proj.weight": (h, heads * d)}
+    if spec.qkv_bias or spec.linear_bias:
+        out[a + "linear_qkv.bias"] = (qkv,)
+    if spec.linear_bias:
+        out[a + "linear_proj.bias"] = (h,)
+    if spec.qk_norm:
+        out.update({a + "q_layernorm.weight": (d,), a + "k_layernorm.weight": (d,)})
+    if spec.attention_sinks:
+        out[a + "core_attention.softmax_offset"] = (heads,)
+    return out
+
+
+def mlp_shapes(prefix: str, ffn: int, hidden: int, bias: bool) -> Shapes:
+    """A gated MLP under ``prefix``: ``linear_fc1`` ``[2 * ffn, hidden]``, ``linear_fc2``
+    ``[hidden, ffn]`` (and their biases)."""
+    fc1, fc2 = prefix + "linear_fc1.", prefix + "linear_fc2."
+    out = {fc1 + "weight": (2 * ffn, hidden), fc2 + "weight": (hidden, ffn)}
+    if bias:
+        out.update({fc1 + "bias": (2 * ffn,), fc2 + "bias": (hidden,)})
+    return out
+
+
+def layer_shapes(spec: ModelSpec, layer: int) -> Shapes:
+    """Every tensor of one dense decoder layer (local-spec names, TP=1)."""
+    h = spec.hidden_size
+    return {"input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,),
+            **attention_shapes(spec), **mlp_shapes("mlp.", spec.ffn_hidden_size, h,
+                                                   spec.linear_bias)}
+
+
+def mcore_config(spec: ModelSpec) -> dict[str, Any]:
+    """The architecture's ``TransformerConfig`` settings: biases everywhere, attention sinks,
+    per-layer windows, the GLU variant and yarn's attention factor (non-default only)."""
+    out: dict[str, Any] = {}
+    if spec.linear_bias:
+        out["add_bias_linear"] = True
+    if spec.attention_sinks:
+        out["softmax_type"] = "learnable"
+    if spec.window_layers is not None:
+        out["window_attn_skip_freq"] = [int(w) for w in spec.window_layers]
+    if spec.glu_linear_offset:
+        out["glu_linear_offset"] = spec.glu_linear_offset
+    if spec.activation_clamp is not None:
+        out["activation_func_clamp_value"] = spec.activation_clamp
+    factor = rope_attention_factor(spec.rope)
+    if factor != 1.0 and spec.mla is None:
+        # HF scales cos and sin by the factor, so q.k scales by its square: the same as
+        # scaling the softmax (Megatron-Core's GPTModel drops yarn's scale).
+        out["softmax_scale"] = factor * factor / math.sqrt(spec.head_dim)
+    return out

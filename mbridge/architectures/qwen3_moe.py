@@ -3,8 +3,8 @@
 ``decoder_sparse_step``. Hub checkpoints store one tensor per expert; transformers 5 holds
 them stacked (``mlp.experts.gate_up_proj``), and either form is read (``hf_options``)."""
 
-from mbridge.mappings import dense, moe
-from mbridge.mappings.registry import Architecture, register
+from mbridge.architectures import dense, moe
+from mbridge.architectures.registry import Architecture, register
 from mbridge.specs import MoESpec
 
 M = dense.HF_LAYER + "mlp."
@@ -59,4 +59,5 @@ def mapping(spec, multiple=128, stacked=False):
 
 
 QWEN3_MOE = register(Architecture("Qwen3MoeForCausalLM", from_hf_config, to_hf_config, mapping,
+                                  moe.layer_shapes, moe.mcore_config, "gpt_block",
                                   hf_options=is_stacked))
