@@ -76,7 +76,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mbridge import offline
+    from mbridge import offline, verify
 
     # SIGTERM unwinds like Ctrl-C, so the temporary output directory is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             _done(f"exported {out['spec'].architecture}: {out['tensors']} HF tensors in "
                   f"{out['shards']} shard(s) -> {args.out}", out["bytes"], start)
             return 0
-        report = offline.verify(args.hf, args.mcore, logits=args.logits, atol=args.atol,
+        report = verify.verify(args.hf, args.mcore, logits=args.logits, atol=args.atol,
                                 progress=not args.quiet)
         print(format_report(report))
         return 0 if report.passed else 1

@@ -24,7 +24,7 @@ TIERS = [
     ("train",),
     ("io",),
     ("shell",),
-    ("__init__", "bridge", "offline", "verify", "testing"),
+    ("__init__", "bridge", "offline", "verify", "testing", "training"),
     ("cli", "offline_cli", "data_cli", "demo", "__main__", "train.__main__"),
 ]
 PURE_TIERS = 6  # keys .. train

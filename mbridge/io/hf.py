@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -243,3 +244,16 @@ def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
     for name in SIDE_FILES:
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, dst / name)
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
+    if not m:
+        raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
+    unit = m.group(2).rstrip("B") or "B"
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
+    return int(float(m.group(1)) * base**power)

@@ -25,6 +25,7 @@ from mbridge.mappings.core import Mapping
 from mbridge.mappings.stacked import coverage, restack, stacked_counts
 from mbridge.sharding import shard, shard_ranges, unshard
 from mbridge.sharding.expert import placement
+from mbridge.shell.dist import Groups
 from mbridge.specs import ModelSpec, ParallelSpec, RankSpec
 
 
@@ -73,7 +74,8 @@ def read_hf_shard(ckpt: HFCheckpoint, group: Mapping, tp: int, tp_rank: int,
 
 def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSpec,
             parallel: ParallelSpec, rank: RankSpec) -> None:
-    """Copy the HF weights this rank hosts into ``chunks``; checks every shape first."""
+    """Copy the HF weights this rank (at ``rank`` in ``parallel``) hosts into ``chunks``;
+    checks every shape first, and that every parameter came from the checkpoint."""
     params = _params(chunks)
     check_coverage(ckpt, groups, spec)
     written: set[tuple[int, str]] = set()
@@ -134,13 +136,14 @@ def _shape_report(ckpt: HFCheckpoint, group: Mapping, detail: str) -> str:
     return f"misshaped tensor in {ckpt.path} ({shapes}): {detail}"
 
 
-def iter_hf(chunks, groups: Sequence[Mapping], spec: ModelSpec, parallel: ParallelSpec,
-            rank: RankSpec, tp_group=None, pp_group=None, ep_group=None,
-            etp_group=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf name, full tensor)`` for the whole model on every rank, group by group."""
+def iter_hf(chunks, groups: Sequence[Mapping], spec: ModelSpec,
+            process_groups: Groups) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf name, full tensor)`` for the whole model on every rank of
+    ``process_groups``, mapping group by mapping group."""
     counts = stacked_counts(k for g in groups for k in g.hf_keys)
-    groups_out = _iter_groups(_params(chunks), groups, spec, parallel, rank,
-                              (tp_group, pp_group, ep_group, etp_group))
+    pg = process_groups
+    groups_out = _iter_groups(_params(chunks), groups, spec, pg.parallel, pg.rank,
+                              (pg.tp, pg.pp, pg.ep, pg.etp))
     return restack(groups_out, counts)
 
 

@@ -1,18 +1,72 @@
-"""Process groups: start torch.distributed (one-rank group when none exists) and
-Megatron-Core's ``parallel_state`` for a ParallelSpec. The one place that reads
-``parallel_state``; everything else gets ranks and groups from here."""
+"""Process groups, as values: the one module that creates them and reads ``parallel_state``.
+
+``init(parallel)`` starts torch.distributed (a one-rank group in a plain process; gloo on
+CPU, nccl on GPU), sets up Megatron-Core's ``parallel_state`` for ``parallel`` (what its
+training code, DDP and optimizer read) and returns a ``Groups``. ``new_groups(parallel)``
+creates the groups of another layout in the same world without touching ``parallel_state``,
+so two models with different layouts can live in one process world (each built, run and
+converted with its own ``Groups``). Everything else takes a ``Groups`` argument:
+model building, forward, online conversion and the training runtime.
+"""
 
 from __future__ import annotations
 
 import atexit
 import os
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from mbridge.sharding import grid
 from mbridge.shell import cpu_shim
 from mbridge.specs import ParallelSpec, RankSpec
+
+
+@dataclass(frozen=True)
+class Groups:
+    """This rank's process groups for one parallel layout: Megatron-Core's
+    ``ProcessGroupCollection`` (``collection``, what ``GPTModel(pg_collection=...)`` takes)
+    and the layout it serves."""
+
+    parallel: ParallelSpec
+    collection: Any
+
+    @property
+    def tp(self):
+        return self.collection.tp
+
+    @property
+    def pp(self):
+        return self.collection.pp
+
+    @property
+    def ep(self):
+        return self.collection.ep
+
+    @property
+    def etp(self):
+        return self.collection.expt_tp
+
+    @property
+    def dp(self):
+        return self.collection.dp
+
+    @property
+    def rank(self) -> RankSpec:
+        """This rank's coordinates in ``parallel``."""
+        return RankSpec(tp=_rank(self.tp), pp=_rank(self.pp), ep=_rank(self.ep),
+                        etp=_rank(self.etp))
+
+    @property
+    def dp_rank(self) -> int:
+        return _rank(self.dp)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
 
 
 def _free_port() -> int:
@@ -21,26 +75,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(parallel: ParallelSpec, seed: int = 1234) -> RankSpec:
-    """Start torch.distributed if needed (gloo on CPU, nccl on GPU) and Megatron-Core's
-    model-parallel groups for ``parallel``; returns this rank's coordinates."""
-    cpu_shim.apply()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python`: a group of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        atexit.register(_shutdown)
+def start() -> None:
+    """Start torch.distributed if it is not: join torchrun's world, or a group of one."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    atexit.register(_shutdown)
+
+
+def init(parallel: ParallelSpec, seed: int = 1234) -> Groups:
+    """Start torch.distributed if needed and Megatron-Core's model-parallel groups for
+    ``parallel``; returns them."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cpu_shim.apply()  # model_parallel_cuda_manual_seed below needs the RNG bridge on CPU
+    start()
     world = dist.get_world_size()
     if world % (parallel.tp * parallel.pp * parallel.cp):
         raise ValueError(f"world size {world} is not divisible by tp*pp*cp = "
                          f"{parallel.tp}*{parallel.pp}*{parallel.cp}")
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -52,7 +113,55 @@ def init(parallel: ParallelSpec, seed: int = 1234) -> RankSpec:
         expert_tensor_parallel_size=parallel.etp,
     )
     model_parallel_cuda_manual_seed(seed)
-    return rank_spec()
+    return Groups(parallel, ProcessGroupCollection.use_mpu_process_groups())
+
+
+def new_groups(parallel: ParallelSpec) -> Groups:
+    """The groups of ``parallel`` over the current world, created here (every rank must call
+    it, in the same order), leaving ``parallel_state`` as it is. Ranks follow Megatron-Core's
+    ``tp-cp-ep-dp-pp`` order (``mbridge.sharding.grid``)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    start()
+    world = dist.get_world_size()
+    dense, expert = grid.dense_grid(parallel, world), grid.expert_grid(parallel, world)
+    wanted = dict(tp=(dense, ("tp",)), cp=(dense, ("cp",)), dp=(dense, ("dp",)),
+                  pp=(dense, ("pp",)), dp_cp=(dense, ("dp", "cp")),
+                  tp_cp=(dense, ("tp", "cp")), mp=(dense, ("tp", "cp", "pp")),
+                  ep=(expert, ("ep",)), expt_tp=(expert, ("etp",)),
+                  expt_dp=(expert, ("edp",)), tp_ep=(expert, ("etp", "ep")),
+                  tp_ep_pp=(expert, ("etp", "ep", "pp")))
+    made = {name: _mine(grid.groups_over(g, dims)) for name, (g, dims) in wanted.items()}
+    made["embd"] = _mine(grid.embedding_groups(dense))
+    made["pos_embd"] = None
+    return Groups(parallel, ProcessGroupCollection(**made))
+
+
+def _mine(rank_lists):
+    """Create every group in ``rank_lists`` (collective: all ranks create all groups) and
+    return the one holding this rank."""
+    me, found = dist.get_rank(), None
+    for ranks in rank_lists:
+        group = dist.new_group(list(ranks))
+        if me in ranks:
+            found = group
+    return found
+
+
+def groups_of(chunks) -> Groups:
+    """The groups a built model runs on: the ``pg_collection`` Megatron-Core's GPTModel keeps
+    and the layout its config states (DDP-wrapped chunks too)."""
+    chunk = getattr(chunks[0], "module", chunks[0])
+    cfg = chunk.config
+    parallel = ParallelSpec(tp=cfg.tensor_model_parallel_size,
+                            pp=cfg.pipeline_model_parallel_size,
+                            vpp=cfg.virtual_pipeline_model_parallel_size,
+                            ep=cfg.expert_model_parallel_size,
+                            etp=cfg.expert_tensor_parallel_size or 1,
+                            cp=cfg.context_parallel_size,
+                            first_stage_layers=cfg.num_layers_in_first_pipeline_stage,
+                            last_stage_layers=cfg.num_layers_in_last_pipeline_stage)
+    return Groups(parallel, chunk.pg_collection)
 
 
 def _shutdown() -> None:
@@ -66,30 +175,6 @@ def _shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank_spec() -> RankSpec:
-    from megatron.core import parallel_state as ps
-
-    return RankSpec(tp=ps.get_tensor_model_parallel_rank(),
-                    pp=ps.get_pipeline_model_parallel_rank(),
-                    ep=ps.get_expert_model_parallel_rank(),
-                    etp=ps.get_expert_tensor_parallel_rank())
-
-
-def groups():
-    """(tp group, pp group, dp rank) of this rank."""
-    from megatron.core import parallel_state as ps
-
-    return (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
-            ps.get_data_parallel_rank())
-
-
-def expert_groups():
-    """(expert parallel group, expert tensor parallel group) of this rank."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_expert_model_parallel_group(), ps.get_expert_tensor_parallel_group()
 
 
 def device() -> torch.device:

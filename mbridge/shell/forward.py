@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mbridge.shell.dist import Groups, groups_of
 from mbridge.specs import ParallelSpec
 
 
@@ -20,17 +21,17 @@ def _order(parallel: ParallelSpec):
 
 @torch.no_grad()
 def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_size: int,
-           hidden_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           hidden_size: int, dtype: torch.dtype = torch.float32,
+           groups: Groups | None = None) -> torch.Tensor:
     """``[batch, seq, vocab_size]`` float32 logits of ``input_ids`` ``[batch, seq]``, on the CPU
-    of every rank."""
-    from megatron.core import parallel_state as ps
-
+    of every rank of the model's groups (``groups``; None: the groups the chunks were built
+    on)."""
     chunks = [getattr(c, "module", c) for c in chunks]
+    groups = groups or groups_of(chunks)
     device = next(chunks[0].parameters()).device
     ids = input_ids.to(device)
     pos = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    pp_group = ps.get_pipeline_model_parallel_group()
+    pp_rank, pp_group = groups.rank.pp, groups.pp
     hidden_shape = (ids.shape[1], ids.shape[0], hidden_size)
     order = _order(parallel)
     out = None
@@ -49,7 +50,7 @@ def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_
                       group=pp_group)
     last_stage = order[-1][0]
     if pp_rank == last_stage:
-        out = _gather_vocab(out, parallel.tp, ps.get_tensor_model_parallel_group())
+        out = _gather_vocab(out, parallel.tp, groups.tp)
         out = out[..., :vocab_size].float().contiguous()
     else:
         out = None

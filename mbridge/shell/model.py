@@ -23,6 +23,7 @@ from mbridge import config as mconfig
 from mbridge.architectures import registry
 from mbridge.rope import rope_inv_freq
 from mbridge.sharding.dist_checkpoint import checkpoint_renames
+from mbridge.shell import cpu_shim
 from mbridge.specs import ModelSpec, ParallelSpec
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu,
@@ -130,6 +131,7 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
     groups ``parallel_state`` holds)."""
     from megatron.core.models.gpt import GPTModel
 
+    cpu_shim.apply()  # Megatron-Core's CUDA-only calls, bridged on a machine without CUDA
     te = use_te if use_te is not None else have_te()
     if spec.mla is not None and te:
         # TE's MLA spec replicates the down-projections and fuses the latent norms into the
@@ -203,9 +205,49 @@ def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank:
 
 
 def wrap_ddp(chunks: list, ddp_config=None) -> list:
-    """Wrap chunks in Megatron-Core's DistributedDataParallel (gradient buffers, overlap)."""
+    """Wrap chunks in Megatron-Core's DistributedDataParallel (gradient buffers, overlap).
+    DDP synchronises over the data-parallel groups ``dist.init`` started."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = ddp_config or DistributedDataParallelConfig()
     return [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c)
             for c in chunks]
+
+
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    """An init method that leaves the tensor as allocated (its values are loaded next);
+    returns it, as torch.nn.init's do (Megatron-Core assigns the result in places)."""
+    return tensor
+
+
+Hook = Callable[[list], list | None]
+
+
+def provide(spec: ModelSpec, parallel: ParallelSpec, groups, *, weights=None,
+            dtype: str = "float32", use_te: bool | None = None, attention: str = "sdpa",
+            config_extra: dict | None = None, pre_wrap_hook: Hook | list[Hook] | None = None,
+            wrap_with_ddp: bool = False, ddp_config=None) -> list:
+    """Build this rank's chunks on ``groups`` (``dist.Groups``), load ``weights``
+    (``shell.weights``; None: Megatron-Core's random init), apply the pre-wrap hooks in order
+    (each takes the chunk list and returns it, a new one, or None for "unchanged"; a hook may
+    add parameters no checkpoint holds, such as adapters), then wrap in DDP if asked."""
+    from mbridge.shell import dist
+
+    extra = dict(config_extra or {})
+    if weights is not None:
+        # every parameter is overwritten (load checks it), so skip drawing random weights,
+        # most of import's time on CPU. Not perform_initialization=False: that also skips
+        # Megatron-Core's tensor-parallel attributes on the weights (seen: NaN gradient
+        # norms at TP=2).
+        for name in ("init_method", "output_layer_init_method", "embedding_init_method"):
+            extra.setdefault(name, _no_init)
+    chunks = build_chunks(spec, parallel, groups.rank.pp, dtype=dtype, use_te=use_te,
+                          attention=attention, device=dist.device(),
+                          pg_collection=groups.collection, **extra)
+    if weights is not None:
+        weights.load(chunks, parallel, groups)
+    hooks = pre_wrap_hook if isinstance(pre_wrap_hook, (list, tuple)) else [pre_wrap_hook]
+    for hook in (h for h in hooks if h is not None):
+        out = hook(chunks)
+        chunks = chunks if out is None else list(out)
+    return wrap_ddp(chunks, ddp_config) if wrap_with_ddp else chunks

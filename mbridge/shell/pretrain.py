@@ -5,6 +5,7 @@ checkpoint and stop. SIGTERM/SIGINT stop it after the current step, with a check
 ``checkpoint.save`` is set.
 
     torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llama_pretrain
+    from mbridge.training import pretrain            # the same from Python
 """
 
 from __future__ import annotations
@@ -21,30 +22,26 @@ import torch.distributed as tdist
 
 from mbridge import config as mconfig
 from mbridge.io.hf import CheckpointError
-from mbridge.shell import checkpoint, data, dist
+from mbridge.shell import checkpoint, data, dist, weights
 from mbridge.shell.logger import TrainLogger, check_wandb
 from mbridge.train import cadence
 from mbridge.train.config import ConfigError, RunConfig
-from mbridge.train.plan import check_sections, parallel_spec, plan_run
+from mbridge.train.plan import check_sections, plan_run
 from mbridge.train.state import TrainState
 from mbridge.train.step import Metrics, step
 
 
 def resolve_model(cfg: RunConfig):
-    """(ModelSpec, bridge or None, HF config dict, HF source dir or None) for the run."""
-    from mbridge.bridge import AutoBridge
-
+    """(ModelSpec, weights or None, HF config dict, HF source dir or None) for the run."""
     if cfg.model.spec is not None:
         return cfg.model.spec, None, mconfig.to_hf_config(cfg.model.spec), None
     path = Path(cfg.model.hf_path)
     try:
-        if (path / "mbridge.json").is_file():
-            bridge = AutoBridge.from_mcore_checkpoint(path)
-            return bridge.spec, bridge, bridge.hf_config, None
-        bridge = AutoBridge.from_hf_pretrained(path)
+        found = weights.open_weights(path)
     except (CheckpointError, ValueError, NotImplementedError) as e:
         raise ConfigError(f"model.hf_path={cfg.model.hf_path}: {e}") from None
-    return bridge.spec, bridge, bridge.hf_config, path
+    hf_source = path if isinstance(found, weights.HFWeights) else None
+    return found.spec, found, found.hf_config, hf_source
 
 
 def check_backend(cfg: RunConfig) -> None:
@@ -102,24 +99,22 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     from mbridge.shell.runtime import MegatronRuntime
 
     check_sections(cfg)
-    spec, bridge, hf_config, hf_source = resolve_model(cfg)
+    spec, source, hf_config, hf_source = resolve_model(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_run(cfg, spec, world)
     data.check_paths(cfg)
     check_backend(cfg)
     check_wandb(cfg)
     resume = _resume_path(cfg)
-    dist.init(parallel_spec(cfg), seed=cfg.rng.seed)
-    runtime = MegatronRuntime(cfg, spec, plan, bridge if resume is None else None)
+    groups = dist.init(plan.parallel, seed=cfg.rng.seed)
+    runtime = MegatronRuntime(cfg, spec, plan, groups, source if resume is None else None)
     state = TrainState(seed=cfg.rng.seed, model=runtime.model, optimizer=runtime.optimizer)
     if resume is not None:
         c = cfg.checkpoint
         state = state.with_progress(checkpoint.load(resume, runtime, optim=c.load_optim,
                                                     rng=c.load_rng))
     train_ds, valid_ds = data.build(cfg, spec.vocab_size)
-    from megatron.core import parallel_state as ps
-
-    dp_rank = ps.get_data_parallel_rank()
+    dp_rank = groups.dp_rank
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     log = TrainLogger(cfg, spec, rank=tdist.get_rank(), world_size=world,
                       start_step=state.step, device_name=device)

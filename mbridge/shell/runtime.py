@@ -1,7 +1,8 @@
 """``MegatronRuntime``: the ``mbridge.train.step.Runtime`` protocol bound to Megatron-Core.
 
-Model chunks come from ``GPTModelProvider`` (HF weights through AutoBridge, or random init),
-wrapped in Megatron-Core DDP; the optimizer is ``get_megatron_optimizer`` (Adam or SGD, fp32
+Model chunks come from ``shell.model.provide`` on the run's process groups (``dist.Groups``)
+with weights from ``shell.weights`` (an HF or distributed checkpoint) or random init, wrapped
+in Megatron-Core DDP; the optimizer is ``get_megatron_optimizer`` (Adam or SGD, fp32
 master weights, the distributed optimizer when ``optimizer.use_distributed_optimizer``);
 forward and backward run through ``get_forward_backward_func`` (no pipelining, 1F1B or
 interleaved 1F1B as the parallel sizes say) with a per-token loss
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as tdist
 
 from mbridge.shell.cpu_shim import cuda_as_cpu
+from mbridge.shell.dist import Groups
+from mbridge.shell.model import provide
 from mbridge.specs import ModelSpec
 from mbridge.train.config import RunConfig
 from mbridge.train.plan import RunPlan
@@ -46,28 +49,17 @@ def _p2p_settings(plan: RunPlan) -> dict:
 class MegatronRuntime:
     """Owns the model chunks and the optimizer; implements the training Runtime protocol."""
 
-    def __init__(self, cfg: RunConfig, spec: ModelSpec, plan: RunPlan, bridge=None):
-        from mbridge.bridge import GPTModelProvider
-
-        self.cfg, self.spec, self.plan = cfg, spec, plan
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, plan: RunPlan, groups: Groups,
+                 weights=None):
+        self.cfg, self.spec, self.plan, self.groups = cfg, spec, plan, groups
         m = cfg.model
         dtype = DTYPES[cfg.mixed_precision]
-        provider = GPTModelProvider(
-            spec=spec, bridge=bridge, tensor_model_parallel_size=m.tensor_model_parallel_size,
-            pipeline_model_parallel_size=m.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=m.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=m.expert_model_parallel_size,
-            expert_tensor_parallel_size=m.expert_tensor_parallel_size,
-            context_parallel_size=m.context_parallel_size, sequence_parallel=m.sequence_parallel,
-            num_layers_in_first_pipeline_stage=m.num_layers_in_first_pipeline_stage,
-            num_layers_in_last_pipeline_stage=m.num_layers_in_last_pipeline_stage,
-            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, params_dtype=dtype,
-            seed=cfg.rng.seed,
-            extra_config=dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
-                              hidden_dropout=m.hidden_dropout,
-                              attention_dropout=m.attention_dropout, **_p2p_settings(plan)))
-        self.model = provider.provide_distributed_model(
-            wrap_with_ddp=True, ddp_config=self._ddp_config(), load_weights=bridge is not None)
+        extra = dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
+                     hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+                     sequence_parallel=m.sequence_parallel, **_p2p_settings(plan))
+        self.model = provide(spec, plan.parallel, groups, weights=weights, dtype=dtype,
+                             config_extra=extra, wrap_with_ddp=True,
+                             ddp_config=self._ddp_config())
         self._speed_up(m)
         self.config = self.model[0].config
         self._bind_sync_funcs()
@@ -182,18 +174,17 @@ class MegatronRuntime:
             yield from opt.get_parameters()
 
     def _reseed(self, seed: int) -> None:
-        from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        seed = seed + 100 * ps.get_pipeline_model_parallel_rank()  # as Megatron-LM
+        rank = self.groups.rank
+        seed = seed + 100 * rank.pp  # as Megatron-LM
         torch.manual_seed(seed)
-        model_parallel_cuda_manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed, tp_rank=rank.tp, ep_rank=rank.ep,
+                                        etp_rank=rank.etp)
 
     def _forward_step(self, data_iterator, model):
-        from megatron.core import parallel_state as ps
-
         mb = next(data_iterator)
-        if ps.get_context_parallel_world_size() > 1:
+        if self.plan.parallel.cp > 1:
             from megatron.core.utils import get_batch_on_this_cp_rank
 
             mb = get_batch_on_this_cp_rank(dict(mb))
@@ -201,7 +192,6 @@ class MegatronRuntime:
         return output, partial(_loss_func, mb["loss_mask"])
 
     def _run(self, batch, *, forward_only: bool) -> LossSum:
-        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.model[0].parameters()).device
@@ -219,6 +209,6 @@ class MegatronRuntime:
             summed += out["lm loss"].to(torch.float64)
         # Only the last pipeline stage has losses: sum over the pipeline, then over data
         # (and context) parallel ranks, so every rank reports the global batch's loss.
-        tdist.all_reduce(summed, group=ps.get_pipeline_model_parallel_group())
-        tdist.all_reduce(summed, group=ps.get_data_parallel_group(with_context_parallel=True))
+        tdist.all_reduce(summed, group=self.groups.pp)
+        tdist.all_reduce(summed, group=self.groups.collection.dp_cp)
         return LossSum(total=float(summed[0]), tokens=int(summed[1]))

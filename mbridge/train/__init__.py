@@ -1,7 +1,9 @@
 """Training on Megatron-Core: the pure parts (run config, schedules, decisions, state, step,
-recipes) live here; ``pretrain`` binds them to Megatron-Core through ``mbridge.shell``.
+recipes) live here; ``mbridge.training.pretrain`` binds them to Megatron-Core through
+``mbridge.shell``.
 
-    from mbridge.train import pretrain, recipes
+    from mbridge.train import recipes
+    from mbridge.training import pretrain
     state = pretrain(recipes.tiny_llama_pretrain())
 
 Launch: ``torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llama_pretrain``.
@@ -14,14 +16,5 @@ from mbridge.train.config import ConfigError, RunConfig, apply_overrides
 from mbridge.train.state import TrainState
 from mbridge.train.step import Metrics, Runtime, step
 
-
-def pretrain(config: RunConfig, **kwargs):
-    """Train as ``config`` says (see ``mbridge.shell.pretrain.pretrain``); returns the final
-    TrainState."""
-    from mbridge.shell.pretrain import pretrain as _pretrain
-
-    return _pretrain(config, **kwargs)
-
-
 __all__ = ["ConfigError", "Metrics", "RunConfig", "Runtime", "TrainState", "apply_overrides",
-           "pretrain", "step"]
+           "step"]

@@ -38,7 +38,7 @@ class GroupedNames(torch.nn.Module):
     def __init__(self, chunk):
         super().__init__()
         self.chunk = chunk
-        self.mbridge_parallel = chunk.mbridge_parallel
+        self.config, self.pg_collection = chunk.config, chunk.pg_collection
 
     def state_dict(self, *args, **kwargs):
         return {grouped_key(k): v for k, v in self.chunk.state_dict(*args, **kwargs).items()}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_moe_parity import SCRIPT, STACKED, TOL, tensors
 
 from mbridge import config as mconfig
-from mbridge import offline
+from mbridge import offline, verify
 from mbridge.architectures import registry
 from mbridge.sharding.dist_checkpoint import extra_state_keys, pieces
 from mbridge.sharding.layout import padded_vocab_size
@@ -90,7 +90,7 @@ def test_round_trip_is_bit_exact(name, moe_dirs, mcore_dirs, tmp_path):
     src, dst = tensors(moe_dirs[base]), tensors(tmp_path / "hf")
     assert src.keys() == dst.keys()
     assert all(torch.equal(src[k], dst[k]) and src[k].dtype == dst[k].dtype for k in src)
-    report = offline.verify(moe_dirs[name], mcore)
+    report = verify.verify(moe_dirs[name], mcore)
     assert report.passed and report.identical == report.tensors > 0
 
 

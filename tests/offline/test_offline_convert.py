@@ -16,7 +16,7 @@ import torch
 from models import CONFIGS, make_hf
 from safetensors.torch import load_file, save_file
 
-from mbridge import offline
+from mbridge import offline, verify
 from mbridge.cli import main
 from mbridge.io.hf import INDEX
 
@@ -52,7 +52,7 @@ def test_round_trip_fp32(name, dense_models, tmp_path):
     out = offline.export_hf(tmp_path / "mcore", tmp_path / "hf", shard_size="60KB")
     assert out["shards"] > 1 and (tmp_path / "hf" / INDEX).is_file()
     assert_identical(src, tmp_path / "hf")
-    report = offline.verify(src, tmp_path / "mcore")
+    report = verify.verify(src, tmp_path / "mcore")
     assert report.passed and report.identical == report.tensors == len(tensors(src))
 
 
@@ -92,7 +92,7 @@ def test_dtype_cast_and_verify_logits(dense_models, tmp_path, capsys):
                  "--logits", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "39 equal after casting" in printed and printed.rstrip().endswith("PASS")
-    report = offline.verify(src, tmp_path / "mc", logits=True)
+    report = verify.verify(src, tmp_path / "mc", logits=True)
     assert report.logits_diff is not None and report.logits_diff < 1e-4
 
 

@@ -5,23 +5,13 @@ anything trains (in-process checks raise before torch.distributed starts)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_layering import test_core_module_is_pure
 
 from mbridge.io.hf import CheckpointError
 from mbridge.train import config, recipes
 from mbridge.train.config import ConfigError, RunConfig, apply_overrides
 from mbridge.train.plan import plan_run
-
-TRAIN = Path(__file__).parents[2] / "mbridge" / "train"
-PURE = sorted(p for p in TRAIN.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
-
-
-@pytest.mark.parametrize("path", PURE, ids=lambda p: p.name)
-def test_train_core_is_pure(path):
-    test_core_module_is_pure(path)
 
 
 def test_yaml_and_json_round_trip():

@@ -107,7 +107,7 @@ def check(layout: str, model_dir: Path, expected_dir: Path, out_root: Path) -> d
     exact = src.keys() == dst.keys() and all(
         torch.equal(src[k], dst[k]) and src[k].dtype == dst[k].dtype for k in src)
     stages = layer_placement(spec.num_layers, provider.parallel_spec())
-    rank = mdist.rank_spec()
+    rank = mdist.groups_of(model).rank
     moe_layer = next(i for i in range(spec.num_layers)
                      if spec.moe.is_moe_layer(i) and stages[i][0] == rank.pp)
     stacked = any(split_index(k)[1] is not None for k in seen)

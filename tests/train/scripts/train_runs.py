@@ -17,7 +17,8 @@ import torch
 from dist_util import report
 
 from mbridge import AutoBridge
-from mbridge.train import config, pretrain, recipes
+from mbridge.train import config, recipes
+from mbridge.training import pretrain
 
 
 def base(work: Path, hf_dir: str, name: str) -> config.RunConfig:
