@@ -16,7 +16,6 @@ from typing import Any
 
 from mbridge.architectures import dense, moe
 from mbridge.architectures.qwen3_moe import experts as qwen_experts
-from mbridge.architectures.qwen3_moe import is_stacked
 from mbridge.architectures.registry import Architecture, register
 from mbridge.mappings.core import chain, rename
 from mbridge.rope import rope_attention_factor
@@ -170,4 +169,4 @@ def mla_kwargs(spec: ModelSpec) -> dict[str, Any]:
 
 DEEPSEEK_V3 = register(Architecture("DeepseekV3ForCausalLM", from_hf_config, to_hf_config,
                                     mapping, layer_shapes, mcore_config, "gpt_block",
-                                    hf_options=is_stacked))
+                                    hf_options=moe.is_stacked))

@@ -23,10 +23,6 @@ def to_hf_config(spec):
                             num_experts_per_tok=spec.moe.topk)
 
 
-def is_stacked(keys) -> dict:
-    return {"stacked": any(k.endswith(".mlp.experts.gate_up_proj") for k in keys)}
-
-
 def mapping(spec, multiple=128, stacked=False):
     if stacked:
         block = moe.router(STACKED + "gate.weight")
@@ -41,4 +37,4 @@ def mapping(spec, multiple=128, stacked=False):
 
 MIXTRAL = register(Architecture("MixtralForCausalLM", from_hf_config, to_hf_config, mapping,
                                 moe.layer_shapes, moe.mcore_config, "gpt_block",
-                                hf_options=is_stacked))
+                                hf_options=moe.is_stacked))

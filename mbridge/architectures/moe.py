@@ -123,6 +123,12 @@ def mapping(spec: ModelSpec, multiple: int, *, attention: Mapping, moe_block: Ma
     return tuple(groups)
 
 
+def is_stacked(keys) -> dict:
+    """The ``stacked`` mapping option: whether a checkpoint holds each layer's experts in one
+    tensor (transformers 5's ``mlp.experts.gate_up_proj``) rather than one tensor each."""
+    return {"stacked": any(k.endswith(".mlp.experts.gate_up_proj") for k in keys)}
+
+
 def layer_shapes(spec: ModelSpec, layer: int,
                  attention: Callable[[ModelSpec], dense.Shapes] = dense.attention_shapes
                  ) -> dense.Shapes:

@@ -3,7 +3,7 @@ whose output a sigmoid gate ``shared_expert_gate`` ``[1, hidden]`` scales (Megat
 ``moe_shared_expert_gate``). Experts per tensor or stacked, as for Qwen3-MoE."""
 
 from mbridge.architectures import dense, moe
-from mbridge.architectures.qwen3_moe import M, experts, is_stacked, moe_from_hf, moe_to_hf
+from mbridge.architectures.qwen3_moe import M, experts, moe_from_hf, moe_to_hf
 from mbridge.architectures.registry import Architecture, register
 from mbridge.mappings.core import chain
 
@@ -33,4 +33,4 @@ def mapping(spec, multiple=128, stacked=False):
 
 QWEN2_MOE = register(Architecture("Qwen2MoeForCausalLM", from_hf_config, to_hf_config, mapping,
                                   moe.layer_shapes, moe.mcore_config, "gpt_block",
-                                  hf_options=is_stacked))
+                                  hf_options=moe.is_stacked))

@@ -49,10 +49,6 @@ def experts(stacked: bool):
     return moe.expert(e + "gate_proj.weight", e + "up_proj.weight", e + "down_proj.weight")
 
 
-def is_stacked(keys) -> dict:
-    return {"stacked": any(k.endswith(".mlp.experts.gate_up_proj") for k in keys)}
-
-
 def mapping(spec, multiple=128, stacked=False):
     return moe.mapping(spec, multiple, attention=dense.attention(spec),
                        moe_block=moe.router(M + "gate.weight"), expert_template=experts(stacked))
@@ -60,4 +56,4 @@ def mapping(spec, multiple=128, stacked=False):
 
 QWEN3_MOE = register(Architecture("Qwen3MoeForCausalLM", from_hf_config, to_hf_config, mapping,
                                   moe.layer_shapes, moe.mcore_config, "gpt_block",
-                                  hf_options=is_stacked))
+                                  hf_options=moe.is_stacked))
