@@ -91,16 +91,16 @@ class AutoBridge:
         if self.weights is None:
             raise ValueError("this bridge has no weights; use from_hf_pretrained or "
                              "from_megatron_checkpoint")
-        groups = dist.groups_of(model)
-        self.weights.load(_unwrap(model), parallel or groups.parallel, groups)
+        groups = mmodel.groups_of(model)
+        self.weights.load(mmodel.unwrap(model), parallel or groups.parallel, groups)
 
     def export_hf_weights(self, model: list,
                           cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream ``(hf name, tensor)`` for the whole model on every rank of its groups (for
         weight sync). Parameters no mapping names (adapters a pre-wrap hook added) are not
         exported."""
-        model = _unwrap(model if isinstance(model, list) else [model])
-        groups = dist.groups_of(model)
+        model = mmodel.unwrap(model if isinstance(model, list) else [model])
+        groups = mmodel.groups_of(model)
         for name, tensor in convert.iter_hf(model, self.mapping(groups.parallel), self.spec,
                                             groups):
             yield name, tensor.cpu() if cpu else tensor
@@ -132,10 +132,6 @@ class AutoBridge:
             hf_dir = self.weights.path / "hf"
             return hf_dir if hf_dir.is_dir() else None
         return None
-
-
-def _unwrap(model: list) -> list:
-    return [getattr(m, "module", m) for m in model]
 
 
 @dataclass

@@ -45,9 +45,7 @@ from mbridge.io.mcore import (
 from mbridge.mappings.core import Mapping
 from mbridge.mappings.stacked import restack, stacked_counts
 from mbridge.sharding.dist_checkpoint import checkpoint_key, extra_state_keys, region, to_chunks
-from mbridge.specs import ModelSpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mbridge.specs import ModelSpec, torch_dtype
 
 
 def progress_bar(enabled: bool, total: int, desc: str):
@@ -91,7 +89,7 @@ def import_hf(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
     check_supported(groups, spec)
     unused = check_hf(ckpt, groups, spec)
     _check_paths(hf_dir, mcore_dir)
-    cast = DTYPES[dtype] if dtype else None
+    cast = torch_dtype(dtype) if dtype else None
     total = sum(ckpt.nbytes(k) for g in groups for k in g.hf_keys)
     written, out_dtype = 0, None
     with atomic_dir(mcore_dir, overwrite=overwrite) as tmp, \

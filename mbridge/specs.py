@@ -10,6 +10,16 @@ from __future__ import annotations
 from typing import Literal
 
 import msgspec
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16" -> torch.bfloat16``; a ValueError naming the choices otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

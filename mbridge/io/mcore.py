@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from mbridge.io.hf import CheckpointError, copy_side_files
 from mbridge.io.torch_record import Window, map_record
 from mbridge.sharding.dist_checkpoint import Region
+from mbridge.train.cadence import checkpoint_name
 
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
@@ -249,7 +250,19 @@ class McoreReader:
         return self.read(reg.key, reg.offset, reg.shape)
 
 
-TRACKER = "latest_checkpointed_iteration.txt"
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's, in a training save directory
+
+
+def tracked_step(directory: str | os.PathLike) -> int | None:
+    """The step a save directory's tracker names, or None without a tracker;
+    CheckpointError if it holds something else."""
+    tracker = Path(directory) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} should hold a step number, holds {text[:40]!r}")
+    return int(text)
 
 
 def resolve(directory: str | os.PathLike) -> Path:
@@ -257,13 +270,8 @@ def resolve(directory: str | os.PathLike) -> Path:
     run's save directory (Megatron-LM's layout), the iteration its
     ``latest_checkpointed_iteration.txt`` names: ``save/`` -> ``save/iter_0000010``."""
     path = Path(directory)
-    tracker = path / TRACKER
-    if (path / "metadata.json").is_file() or not tracker.is_file():
-        return path
-    step = tracker.read_text().strip()
-    if not step.isdigit():
-        raise CheckpointError(f"{tracker} should hold an iteration number, holds {step[:40]!r}")
-    return path / f"iter_{int(step):07d}"
+    step = None if (path / "metadata.json").is_file() else tracked_step(path)
+    return path if step is None else path / checkpoint_name(step)
 
 
 def write_hf_files(directory: str | os.PathLike, hf_config: dict[str, Any],

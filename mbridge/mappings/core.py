@@ -16,11 +16,7 @@ from collections.abc import Callable, Iterable
 from collections.abc import Mapping as AbcMapping
 from dataclasses import dataclass
 
-import torch
-
-from mbridge.sharding.layout import REPLICATED, Layout
-
-Tree = dict[str, torch.Tensor]
+from mbridge.sharding.layout import REPLICATED, Layout, Tree
 
 
 @dataclass(frozen=True)

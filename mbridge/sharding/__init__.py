@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from mbridge.sharding.layout import (
     COLUMN,
     GATED_COLUMN,
     REPLICATED,
     ROW,
     Layout,
+    Tree,
     padded_vocab_size,
     shard,
     shard_ranges,
@@ -19,8 +18,6 @@ from mbridge.sharding.layout import (
     vocab_layout,
 )
 from mbridge.sharding.plan import key_placement, layer_placement, stage_layer_counts
-
-Tree = dict[str, torch.Tensor]
 
 
 def shard_tree(tree: Tree, layouts: Mapping[str, Layout], tp: int, rank: int) -> Tree:

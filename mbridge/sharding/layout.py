@@ -18,6 +18,8 @@ import torch
 
 from mbridge.specs import Spec
 
+Tree = dict[str, torch.Tensor]  # a flat pytree: key -> tensor
+
 
 class Layout(Spec, frozen=True, kw_only=True):
     dim: int | None = None

@@ -27,11 +27,12 @@ import torch
 import torch.distributed as tdist
 
 from mbridge.io.hf import CheckpointError
+from mbridge.io.mcore import TRACKER, tracked_step
 from mbridge.shell.cpu_shim import cuda_as_cpu
+from mbridge.shell.model import unwrap
 from mbridge.train import cadence
 from mbridge.train.state import Progress
 
-TRACKER = "latest_checkpointed_iteration.txt"
 OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -43,12 +44,9 @@ def latest(directory: str | os.PathLike) -> Path | None:
         return None
     if not root.is_dir():
         raise CheckpointError(f"checkpoint.load={root} is not a directory")
-    tracker = root / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if not text.isdigit():
-            raise CheckpointError(f"{tracker} should hold a step number, holds {text[:40]!r}")
-        path = root / cadence.checkpoint_name(int(text))
+    step = tracked_step(root)
+    if step is not None:
+        path = root / cadence.checkpoint_name(step)
     else:
         steps = cadence.checkpoint_steps(p.name for p in root.iterdir() if p.is_dir())
         if not steps:
@@ -94,7 +92,7 @@ def _set_rng_state(state: dict) -> None:
 def sharded_state_dict(runtime, *, loading: bool, optim: bool = True, rng: bool = True) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    modules = [getattr(c, "module", c) for c in runtime.model]
+    modules = unwrap(runtime.model)
     state = {f"model{v}": m.sharded_state_dict() for v, m in enumerate(modules)}
     if optim:
         if loading:

@@ -148,22 +148,6 @@ def _mine(rank_lists):
     return found
 
 
-def groups_of(chunks) -> Groups:
-    """The groups a built model runs on: the ``pg_collection`` Megatron-Core's GPTModel keeps
-    and the layout its config states (DDP-wrapped chunks too)."""
-    chunk = getattr(chunks[0], "module", chunks[0])
-    cfg = chunk.config
-    parallel = ParallelSpec(tp=cfg.tensor_model_parallel_size,
-                            pp=cfg.pipeline_model_parallel_size,
-                            vpp=cfg.virtual_pipeline_model_parallel_size,
-                            ep=cfg.expert_model_parallel_size,
-                            etp=cfg.expert_tensor_parallel_size or 1,
-                            cp=cfg.context_parallel_size,
-                            first_stage_layers=cfg.num_layers_in_first_pipeline_stage,
-                            last_stage_layers=cfg.num_layers_in_last_pipeline_stage)
-    return Groups(parallel, chunk.pg_collection)
-
-
 def _shutdown() -> None:
     """Destroy the groups this module started while the interpreter is still alive: left to
     interpreter finalisation, gloo's worker threads can still hold work objects whose release

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
+from mbridge.shell.model import unwrap
+
 
 def load(chunks: Sequence[torch.nn.Module], directory: str | os.PathLike) -> None:
     """Load ``directory`` into ``chunks`` (this rank's model chunks, DDP-wrapped or not).
     Every rank of the job calls it."""
     from megatron.core import dist_checkpointing
 
-    modules = [getattr(c, "module", c) for c in chunks]
+    modules = unwrap(chunks)
     # Megatron-LM's convention for virtual pipeline chunks: one sub-dict per chunk.
     sharded = {f"model{v}": m.sharded_state_dict() for v, m in enumerate(modules)}
     state = dist_checkpointing.load(sharded, str(directory))

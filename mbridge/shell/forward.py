@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mbridge.shell.dist import Groups, groups_of
+from mbridge.shell.dist import Groups
+from mbridge.shell.model import groups_of, unwrap
 from mbridge.specs import ParallelSpec
 
 
@@ -26,7 +27,7 @@ def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_
     """``[batch, seq, vocab_size]`` float32 logits of ``input_ids`` ``[batch, seq]``, on the CPU
     of every rank of the model's groups (``groups``; None: the groups the chunks were built
     on)."""
-    chunks = [getattr(c, "module", c) for c in chunks]
+    chunks = unwrap(chunks)
     groups = groups or groups_of(chunks)
     device = next(chunks[0].parameters()).device
     ids = input_ids.to(device)

@@ -23,12 +23,11 @@ from mbridge import config as mconfig
 from mbridge.architectures import registry
 from mbridge.rope import rope_inv_freq
 from mbridge.sharding.dist_checkpoint import checkpoint_renames
-from mbridge.shell import cpu_shim
-from mbridge.specs import ModelSpec, ParallelSpec
+from mbridge.shell import cpu_shim, dist
+from mbridge.specs import ModelSpec, ParallelSpec, torch_dtype
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu,
                 "gelu_tanh": partial(torch.nn.functional.gelu, approximate="tanh")}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def have_te() -> bool:
@@ -47,8 +46,8 @@ def transformer_config(spec: ModelSpec, parallel: ParallelSpec, dtype: str = "fl
     kwargs = mconfig.transformer_config_kwargs(spec, parallel, dtype)
     activations = {**_ACTIVATIONS, "quick_gelu": quick_gelu}
     kwargs["activation_func"] = activations[kwargs["activation_func"]]
-    kwargs["params_dtype"] = _DTYPES[kwargs["params_dtype"]]
-    kwargs["pipeline_dtype"] = _DTYPES[kwargs["pipeline_dtype"]]
+    kwargs["params_dtype"] = torch_dtype(kwargs["params_dtype"])
+    kwargs["pipeline_dtype"] = torch_dtype(kwargs["pipeline_dtype"])
     cpu = not torch.cuda.is_available()
     # The fusions below need Apex or Transformer Engine kernels; the TE spec brings its own.
     kwargs.update(use_cpu_initialization=cpu, masked_softmax_fusion=False,
@@ -214,6 +213,27 @@ def wrap_ddp(chunks: list, ddp_config=None) -> list:
             for c in chunks]
 
 
+def unwrap(chunks: list) -> list:
+    """The GPTModel chunks inside DDP wrappers (chunks that are not wrapped pass through)."""
+    return [getattr(c, "module", c) for c in chunks]
+
+
+def groups_of(chunks) -> dist.Groups:
+    """The groups a built model runs on: the ``pg_collection`` Megatron-Core's GPTModel keeps
+    and the layout its config states (DDP-wrapped chunks too)."""
+    chunk = unwrap(chunks)[0]
+    cfg = chunk.config
+    parallel = ParallelSpec(tp=cfg.tensor_model_parallel_size,
+                            pp=cfg.pipeline_model_parallel_size,
+                            vpp=cfg.virtual_pipeline_model_parallel_size,
+                            ep=cfg.expert_model_parallel_size,
+                            etp=cfg.expert_tensor_parallel_size or 1,
+                            cp=cfg.context_parallel_size,
+                            first_stage_layers=cfg.num_layers_in_first_pipeline_stage,
+                            last_stage_layers=cfg.num_layers_in_last_pipeline_stage)
+    return dist.Groups(parallel, chunk.pg_collection)
+
+
 def _no_init(tensor: torch.Tensor) -> torch.Tensor:
     """An init method that leaves the tensor as allocated (its values are loaded next);
     returns it, as torch.nn.init's do (Megatron-Core assigns the result in places)."""
@@ -231,8 +251,6 @@ def provide(spec: ModelSpec, parallel: ParallelSpec, groups, *, weights=None,
     (``shell.weights``; None: Megatron-Core's random init), apply the pre-wrap hooks in order
     (each takes the chunk list and returns it, a new one, or None for "unchanged"; a hook may
     add parameters no checkpoint holds, such as adapters), then wrap in DDP if asked."""
-    from mbridge.shell import dist
-
     extra = dict(config_extra or {})
     if weights is not None:
         # every parameter is overwritten (load checks it), so skip drawing random weights,

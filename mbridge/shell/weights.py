@@ -21,7 +21,7 @@ from typing import Any
 from mbridge.architectures import registry
 from mbridge.io.checks import open_mcore
 from mbridge.io.hf import HFCheckpoint
-from mbridge.io.mcore import INFO, resolve
+from mbridge.io.mcore import INFO, TRACKER, resolve
 from mbridge.shell import convert, dist_checkpoint
 from mbridge.shell.dist import Groups
 from mbridge.specs import ModelSpec, ParallelSpec
@@ -77,7 +77,7 @@ def open_mcore_weights(path: str | os.PathLike,
 def open_weights(path: str | os.PathLike) -> Weights:
     """HF checkpoint or distributed checkpoint, told apart by ``mbridge.json``."""
     path = Path(path)
-    if (path / INFO).is_file() or (path / "latest_checkpointed_iteration.txt").is_file():
+    if (path / INFO).is_file() or (path / TRACKER).is_file():
         return open_mcore_weights(path)
     return open_hf(path)
 

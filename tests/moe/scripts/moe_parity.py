@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from mbridge import AutoBridge
 from mbridge.keys import split_index
 from mbridge.sharding.plan import layer_placement
-from mbridge.shell import dist as mdist
 from mbridge.shell import forward
+from mbridge.shell.model import groups_of
 
 NAMES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
          "ep": "expert_model_parallel_size", "etp": "expert_tensor_parallel_size",
@@ -107,7 +107,7 @@ def check(layout: str, model_dir: Path, expected_dir: Path, out_root: Path) -> d
     exact = src.keys() == dst.keys() and all(
         torch.equal(src[k], dst[k]) and src[k].dtype == dst[k].dtype for k in src)
     stages = layer_placement(spec.num_layers, provider.parallel_spec())
-    rank = mdist.groups_of(model).rank
+    rank = groups_of(model).rank
     moe_layer = next(i for i in range(spec.num_layers)
                      if spec.moe.is_moe_layer(i) and stages[i][0] == rank.pp)
     stacked = any(split_index(k)[1] is not None for k in seen)
