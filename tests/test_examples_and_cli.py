@@ -20,6 +20,14 @@ def test_compose_mappings_example():
     assert "bit-exact" in proc.stdout
 
 
+def test_property_test_mapping_example():
+    proc = run("examples/property_test_mapping.py")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "laws hold" in proc.stdout and proc.stdout.rstrip().endswith("PASS")
+    proc = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/property_test_mapping.py")
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_help_lists_commands():
     proc = run("-m", "mbridge", "--help")
     assert proc.returncode == 0

@@ -4,59 +4,94 @@ pairs, declared keys, and mapping/sharding commuting (what lets import read only
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import model_specs, random_hf_tree, tp_sizes
 
-from mbridge.architectures import get
 from mbridge.mappings.ops import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
-from mbridge.sharding import shard_tree, unshard_tree
 from mbridge.sharding.layout import COLUMN, GATED_COLUMN, ROW, shard, unshard, vocab_layout
+from mbridge.sharding.plan import layer_placement
+from mbridge.specs import check_model_fits
+from mbridge.testing import (
+    check_commutes_with_sharding,
+    check_declared_keys,
+    check_mcore_round_trip,
+    check_round_trip,
+    groups_of,
+    hf_shapes,
+    hf_trees,
+    layouts,
+    mcore_trees,
+    model_specs,
+    moe_specs,
+    tp_sizes,
+)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
-def trees_equal(a, b):
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-
-
-def groups_of(spec):
-    return get(spec.architecture).mapping(spec)
+def spec_and(strategy):
+    """``(spec, draw)`` pairs: a dense spec and a value ``strategy(spec)`` draws for it."""
+    return model_specs().flatmap(lambda s: st.tuples(st.just(s), strategy(s)))
 
 
 @SETTINGS
-@given(model_specs(), st.integers(0, 2**16))
-def test_to_hf_inverts_to_mcore_bit_for_bit(spec, seed):
-    for group in groups_of(spec):
-        tree = random_hf_tree(spec, [group], seed)
-        assert trees_equal(group.to_hf(group.to_mcore(tree)), tree)
+@given(spec_and(hf_trees))
+def test_to_hf_inverts_to_mcore_bit_for_bit(spec_tree):
+    spec, tree = spec_tree
+    check_round_trip(groups_of(spec), tree)
 
 
 @SETTINGS
-@given(model_specs(), st.integers(0, 2**16))
-def test_keys_read_and_written_are_the_declared_keys(spec, seed):
-    groups = groups_of(spec)
-    hf_all = [k for g in groups for k in g.hf_keys]
-    assert len(hf_all) == len(set(hf_all)), "an HF key is read by two groups"
-    for group in groups:
-        tree = random_hf_tree(spec, [group], seed)
-        mcore = group.to_mcore(tree)
-        assert tuple(mcore) == group.mcore_keys
-        assert tuple(group.to_hf(mcore)) == group.hf_keys
+@given(spec_and(mcore_trees))
+def test_to_mcore_inverts_to_hf_bit_for_bit(spec_tree):
+    spec, tree = spec_tree
+    check_mcore_round_trip(groups_of(spec), tree)
 
 
 @SETTINGS
-@given(model_specs().flatmap(lambda s: st.tuples(st.just(s), tp_sizes(s))),
-       st.integers(0, 2**16))
-def test_unshard_inverts_shard_and_mapping_commutes_with_sharding(spec_tp, seed):
-    spec, tp = spec_tp
-    for group in groups_of(spec):
-        tree = random_hf_tree(spec, [group], seed)
-        mcore = group.to_mcore(tree)
-        shards = [shard_tree(mcore, group.mcore_layouts, tp, r) for r in range(tp)]
-        assert trees_equal(unshard_tree(shards, group.mcore_layouts), mcore)
-        for r in range(tp):
-            local = group.to_mcore(shard_tree(tree, group.hf_layouts, tp, r))
-            assert trees_equal(local, shards[r])
+@given(spec_and(hf_trees))
+def test_keys_read_and_written_are_the_declared_keys(spec_tree):
+    spec, tree = spec_tree
+    check_declared_keys(groups_of(spec), tree)
+
+
+@SETTINGS
+@given(spec_and(lambda s: st.tuples(tp_sizes(s), hf_trees(s))))
+def test_unshard_inverts_shard_and_mapping_commutes_with_sharding(spec_tp_tree):
+    spec, (tp, tree) = spec_tp_tree
+    check_commutes_with_sharding(groups_of(spec), tree, tp)
+
+
+@SETTINGS
+@given(st.data(), model_specs() | moe_specs())
+def test_drawn_layouts_fit_the_spec(data, spec):
+    parallel = data.draw(layouts(spec))
+    check_model_fits(spec, parallel)  # raises if not
+    assert len(layer_placement(spec.num_layers, parallel)) == spec.num_layers
+    assert parallel.vpp is None or parallel.pp > 1
+    assert spec.moe is not None or parallel.ep == parallel.etp == 1
+
+
+def transformers_shape(spec, key: str) -> tuple[int, ...]:
+    """HF tensor shapes of a Llama-style model, written out independently of the mappings."""
+    h, d, ffn = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    table = {
+        "embed_tokens.weight": (spec.vocab_size, h), "lm_head.weight": (spec.vocab_size, h),
+        "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h),
+        "o_proj.weight": (h, q), "q_proj.bias": (q,), "k_proj.bias": (kv,),
+        "v_proj.bias": (kv,), "q_norm.weight": (d,), "k_norm.weight": (d,),
+        "gate_proj.weight": (ffn, h), "up_proj.weight": (ffn, h), "down_proj.weight": (h, ffn),
+    }
+    return next((shape for suffix, shape in table.items() if key.endswith(suffix)), (h,))
+
+
+@SETTINGS
+@given(model_specs())
+def test_derived_hf_shapes_are_transformers_shapes(spec):
+    """``hf_trees`` derives HF shapes from the mcore shapes and ``to_hf``; they are the ones
+    transformers' modules have."""
+    shapes = hf_shapes(spec)
+    assert shapes and all(shape == transformers_shape(spec, k) for k, shape in shapes.items())
+    assert ("lm_head.weight" in shapes) != spec.tie_embeddings
 
 
 @SETTINGS

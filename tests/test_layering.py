@@ -123,7 +123,31 @@ def test_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_testing_kit_imports_only_pure_layers():
+    """``mbridge.testing`` (hypothesis + torch + the pure layers) never reaches the shell or io,
+    directly or through another module."""
+    edges = graph()
+    kit = [m for m in MODULES if m == "mbridge.testing" or m.startswith("mbridge.testing.")]
+    assert len(kit) >= 3
+    for module in kit:
+        impure = sorted(m for m in reachable(edges, module)
+                        if tier_of(m) >= PURE_TIERS and not m.startswith("mbridge.testing"))
+        assert not impure, f"{module} reaches {impure}"
+
+
 def test_the_checks_can_fail():
+    assert reachable({"a": {"b"}, "b": {"c"}, "d": {"a"}}, "a") == {"b", "c"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert tier_of("mbridge.shell.model") > tier_of("mbridge.architectures.llama")

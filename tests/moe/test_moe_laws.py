@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from strategies import MOE_ARCHITECTURES, moe_specs
 
 from mbridge.architectures import registry
 from mbridge.architectures.moe import deinterleave, interleave
@@ -34,34 +33,30 @@ from mbridge.mappings.stacked import (
     unstack,
     unstack_tree,
 )
-from mbridge.sharding import shard, shard_tree, unshard
+from mbridge.sharding import shard, unshard
 from mbridge.sharding.expert import expert_placement, local_experts, split_of
 from mbridge.sharding.layout import Layout
 from mbridge.specs import ParallelSpec, RankSpec
+from mbridge.testing import (
+    MOE_ARCHITECTURES,
+    check_commutes_with_sharding,
+    check_declared_keys,
+    check_mcore_round_trip,
+    check_round_trip,
+    groups_of,
+    hf_trees,
+    mcore_trees,
+    moe_specs,
+    trees_equal,
+)
 
 SETTINGS = settings(max_examples=25, deadline=None)
 STACKABLE = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
              "DeepseekV3ForCausalLM")
 
 
-def expected_shape(spec, key):
-    """The shape the architecture declares for an mcore tensor (``Architecture.mcore_shape``)."""
-    return registry.get(spec.architecture).mcore_shape(spec, key)
-
-
-def groups_of(spec, **options):
-    return registry.get(spec.architecture).mapping(spec, **options)
-
-
-def mcore_tree(spec, group, seed: int) -> dict:
-    """Random global mcore tensors of the shapes the checkpoint layout documents (written
-    independently of the mappings)."""
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(expected_shape(spec, k), generator=gen) for k in group.mcore_keys}
-
-
-def equal_trees(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def pick(tree: dict, keys) -> dict:
+    return {k: tree[k] for k in keys}
 
 
 def options(arch: str, stacked: bool) -> dict:
@@ -69,29 +64,30 @@ def options(arch: str, stacked: bool) -> dict:
 
 
 @SETTINGS
-@given(moe_specs(), st.booleans(), st.integers(0, 2**16))
-def test_mappings_invert(spec, stacked, seed):
-    for i, group in enumerate(groups_of(spec, **options(spec.architecture, stacked))):
-        mcore = mcore_tree(spec, group, seed + i)
-        hf = group.to_hf(mcore)
-        assert set(hf) == set(group.hf_keys)
-        assert equal_trees(group.to_mcore(hf), mcore)
-        assert equal_trees(group.to_hf(group.to_mcore(hf)), hf)
+@given(st.data(), moe_specs(), st.booleans())
+def test_mappings_invert(data, spec, stacked):
+    groups = groups_of(spec, **options(spec.architecture, stacked))
+    mcore = data.draw(mcore_trees(spec, groups))
+    check_mcore_round_trip(groups, mcore)
+    hf = {k: v for g in groups for k, v in g.to_hf(pick(mcore, g.mcore_keys)).items()}
+    check_declared_keys(groups, hf)
+    check_round_trip(groups, hf)
+    check_round_trip(groups, data.draw(hf_trees(spec, groups)))
 
 
 @SETTINGS
-@given(moe_specs().filter(lambda s: s.architecture in STACKABLE), st.integers(0, 2**16))
-def test_stacked_is_transformers_fused_layout(spec, seed):
+@given(st.data(), moe_specs().filter(lambda s: s.architecture in STACKABLE))
+def test_stacked_is_transformers_fused_layout(data, spec):
     """The same mcore experts give per-expert HF tensors and stacked ones; stacked rows are
     [gate; up] as transformers fuses them, and stacking all rows gives [experts, ...]."""
     per_expert = groups_of(spec, stacked=False)
     stacked = groups_of(spec, stacked=True)
     flat, rows = {}, {}
-    for i, (a, b) in enumerate(zip(per_expert, stacked, strict=True)):
-        mcore = mcore_tree(spec, a, seed + i)
+    mcore = data.draw(mcore_trees(spec, per_expert))
+    for a, b in zip(per_expert, stacked, strict=True):
         assert set(a.mcore_keys) == set(b.mcore_keys)
-        flat.update(a.to_hf(mcore))
-        rows.update(b.to_hf(mcore))
+        flat.update(a.to_hf(pick(mcore, a.mcore_keys)))
+        rows.update(b.to_hf(pick(mcore, b.mcore_keys)))
     fused = stack_tree(rows)
     names = {"MixtralForCausalLM": ("w1", "w3", "w2")}.get(
         spec.architecture, ("gate_proj", "up_proj", "down_proj"))
@@ -114,17 +110,14 @@ def split_sizes():
 
 
 @SETTINGS
-@given(st.data(), split_sizes(), st.booleans(), st.integers(0, 2**16))
-def test_sharding_commutes_with_mappings(data, size, stacked, seed):
-    """Slicing HF tensors for a rank then converting equals converting then slicing: TP for
-    dense tensors, expert-TP for expert tensors (both of size ``size`` here)."""
+@given(st.data(), split_sizes(), st.booleans())
+def test_sharding_commutes_with_mappings(data, size, stacked):
+    """Slicing HF tensors for a rank then converting equals converting then slicing, on every
+    rank: TP of ``size`` for dense tensors, expert-TP of 1 or ``size`` for expert tensors."""
     spec = data.draw(moe_specs(split=size))
-    rank = data.draw(st.integers(0, size - 1))
-    for i, group in enumerate(groups_of(spec, **options(spec.architecture, stacked))):
-        hf = group.to_hf(mcore_tree(spec, group, seed + i))
-        local = group.to_mcore(shard_tree(hf, group.hf_layouts, size, rank))
-        assert equal_trees(local, shard_tree(group.to_mcore(hf), group.mcore_layouts, size,
-                                             rank))
+    etp = data.draw(st.sampled_from([1, size]))
+    groups = groups_of(spec, **options(spec.architecture, stacked))
+    check_commutes_with_sharding(groups, data.draw(hf_trees(spec, groups)), size, etp)
 
 
 @given(st.integers(1, 6), st.sampled_from([1, 2, 4, 8]))
@@ -179,10 +172,10 @@ def test_stack_and_interleave_invert(experts, width, seed):
     tree = {"a.gate_up_proj": t, "a.norm": t[0, 0]}
     rows = unstack_tree(tree, ["a.gate_up_proj"])
     assert sorted(rows) == ["a.gate_up_proj" + f"[{e}]" for e in range(experts)] + ["a.norm"]
-    assert equal_trees(stack_tree(rows), tree)
+    assert trees_equal(stack_tree(rows), tree)
     pairs = list(rows.items())
     random.Random(seed).shuffle(pairs)  # rows may arrive in any order
-    assert equal_trees(dict(restack(pairs, stacked_counts(rows))), tree)
+    assert trees_equal(dict(restack(pairs, stacked_counts(rows))), tree)
 
 
 def test_restack_rejects_incomplete_and_repeated_rows():
@@ -204,11 +197,11 @@ def test_grouped_names_invert(expert, kind, fc):
 
 
 @SETTINGS
-@given(moe_specs(), st.booleans())
-def test_coverage_is_exact_and_finds_leftovers(spec, stacked):
+@given(st.data(), moe_specs(), st.booleans())
+def test_coverage_is_exact_and_finds_leftovers(data, spec, stacked):
     groups = groups_of(spec, **options(spec.architecture, stacked))
     keys = [k for g in groups for k in g.hf_keys]
-    hf = {k: v for i, g in enumerate(groups) for k, v in g.to_hf(mcore_tree(spec, g, i)).items()}
+    hf = data.draw(hf_trees(spec, groups))
     stored = {k: tuple(v.shape) for k, v in stack_tree(hf).items()}
     assert coverage(keys, stored).exact
     expert_keys = [k for k in keys if ".experts." in k]
