@@ -107,7 +107,10 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     check_wandb(cfg)
     resume = _resume_path(cfg)
     groups = dist.init(plan.parallel, seed=cfg.rng.seed)
-    runtime = MegatronRuntime(cfg, spec, plan, groups, source if resume is None else None)
+    runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
+                              ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
+                              micro_batch_size=cfg.train.micro_batch_size,
+                              weights=source if resume is None else None)
     state = TrainState(seed=cfg.rng.seed, model=runtime.model, optimizer=runtime.optimizer)
     if resume is not None:
         c = cfg.checkpoint

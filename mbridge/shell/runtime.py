@@ -22,7 +22,7 @@ from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.dist import Groups
 from mbridge.shell.model import provide
 from mbridge.specs import ModelSpec
-from mbridge.train.config import RunConfig
+from mbridge.train.config import ModelConfig, OptimizerConfig, ParallelConfig
 from mbridge.train.plan import RunPlan
 from mbridge.train.step import GradStats, LossSum
 
@@ -49,11 +49,18 @@ def _p2p_settings(plan: RunPlan) -> dict:
 class MegatronRuntime:
     """Owns the model chunks and the optimizer; implements the training Runtime protocol."""
 
-    def __init__(self, cfg: RunConfig, spec: ModelSpec, plan: RunPlan, groups: Groups,
-                 weights=None):
-        self.cfg, self.spec, self.plan, self.groups = cfg, spec, plan, groups
-        m = cfg.model
-        dtype = DTYPES[cfg.mixed_precision]
+    def __init__(self, spec: ModelSpec, plan: RunPlan, groups: Groups, *, model: ModelConfig,
+                 optimizer: OptimizerConfig, ddp: ParallelConfig, mixed_precision: str,
+                 micro_batch_size: int, weights=None):
+        """Build the model on ``groups`` at ``plan.parallel`` (weights loaded from ``weights``,
+        a ``shell.weights`` source, or random init) and its optimizer. Takes the run config's
+        ``model``, ``optimizer`` and ``parallel`` (DDP) sections, ``mixed_precision`` and
+        ``train.micro_batch_size``: nothing else of it."""
+        self.spec, self.plan, self.groups = spec, plan, groups
+        self.model_cfg, self.optim_cfg, self.ddp_cfg = model, optimizer, ddp
+        self.micro_batch_size = micro_batch_size
+        m = model
+        dtype = DTYPES[mixed_precision]
         extra = dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
                      hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
                      sequence_parallel=m.sequence_parallel, **_p2p_settings(plan))
@@ -84,11 +91,11 @@ class MegatronRuntime:
     def _ddp_config(self):
         from megatron.core.distributed import DistributedDataParallelConfig
 
-        p = self.cfg.parallel
+        p = self.ddp_cfg
         return DistributedDataParallelConfig(
             grad_reduce_in_fp32=p.grad_reduce_in_fp32, overlap_grad_reduce=p.overlap_grad_reduce,
             overlap_param_gather=p.overlap_param_gather, bucket_size=p.bucket_size,
-            use_distributed_optimizer=self.cfg.optimizer.use_distributed_optimizer)
+            use_distributed_optimizer=self.optim_cfg.use_distributed_optimizer)
 
     def _bind_sync_funcs(self) -> None:
         """Gradient finalisation and overlap hooks, as Megatron-LM's ``training.py`` sets them."""
@@ -107,10 +114,11 @@ class MegatronRuntime:
             c.param_sync_func = c.param_sync_func[0] if one else c.param_sync_func
 
     def _build_optimizer(self, dtype: str):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
 
-        o = self.cfg.optimizer
-        config = OptimizerConfig(
+        o = self.optim_cfg
+        config = McoreOptimizerConfig(
             optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
             sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
@@ -202,8 +210,8 @@ class MegatronRuntime:
                 forward_step_func=self._forward_step,
                 data_iterator=iterators if len(self.model) > 1 else iterators[0],
                 model=self.model if len(self.model) > 1 else self.model[0],
-                num_microbatches=len(batch), seq_length=self.cfg.model.seq_length,
-                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+                num_microbatches=len(batch), seq_length=self.model_cfg.seq_length,
+                micro_batch_size=self.micro_batch_size, forward_only=forward_only)
         summed = torch.zeros(2, dtype=torch.float64, device=device)
         for out in outputs or []:
             summed += out["lm loss"].to(torch.float64)
