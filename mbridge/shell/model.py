@@ -23,6 +23,7 @@ from mbridge import config as mconfig
 from mbridge.architectures import registry
 from mbridge.rope import rope_inv_freq
 from mbridge.sharding.dist_checkpoint import checkpoint_renames
+from mbridge.shell import gemma
 from mbridge.specs import ModelSpec, ParallelSpec
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu,
@@ -110,6 +111,7 @@ def set_rope(model, spec: ModelSpec) -> None:
 BUILDERS: dict[str, Builder] = {
     "gpt": Builder(_gpt_layers, set_rope),
     "gpt_block": Builder(_block_layers, set_rope),
+    "gemma": Builder(gemma.layers, gemma.finish),
 }
 
 
