@@ -64,7 +64,7 @@ def test_tp1_in_process(name, attention, dense_models, tmp_path):
     assert streamed.keys() == src.keys() and all(torch.equal(streamed[k], src[k]) for k in src)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_bf16_model_round_trip_keeps_every_dtype(name, tmp_path):
     """A bf16 checkpoint in a bf16 model (``params_dtype="bfloat16"``) exports bf16 tensors
     identical to the input, norms included (the local spec's torch norms are built in float32
