@@ -4,7 +4,7 @@ Every parameter is drawn at random (norms around 1, biases non-zero), so a mappi
 misplaces a norm or drops a bias changes the logits. Configs use non-default settings where
 bugs hide: llama3 rope scaling with unusual factors, GQA and MQA, tied and untied
 embeddings, a vocabulary that is not a multiple of 128, head_dim != hidden/heads, a sliding
-window shorter than the test sequence.
+window shorter than the test sequence; Gemma's soft-caps, per-layer windows and local rope.
 """
 
 from __future__ import annotations
@@ -30,6 +30,23 @@ CONFIGS = {
                                                                 rope_theta=1e6))),
     "qwen2": ("Qwen2ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True)),
     "qwen3": ("Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
+    # soft-caps small enough to bite, a softmax scale of 20 ** -0.5 (not head_dim's), window
+    # 4 on layers 0 and 3 of a 12-token sequence, tied embeddings
+    "gemma2": ("Gemma2ForCausalLM", dict(
+        head_dim=24, query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, sliding_window=4, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=20000.0))),
+    # 2:1 local/global, window 5, local rope theta 1e4 and a linear-scaled global rope at
+    # 1e6, untied; attn_logit_softcapping set though transformers' Gemma 3 ignores it
+    "gemma3": ("Gemma3ForCausalLM", dict(
+        head_dim=32, query_pre_attn_scalar=40, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, sliding_window=5, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", rope_theta=1e6, factor=4.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
 }
 
 
@@ -39,7 +56,8 @@ def hf_config(name: str, **overrides):
     arch, extra = CONFIGS[name]
     kwargs = {**BASE, **extra, **overrides}
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[arch]
+                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                  "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}[arch]
     cfg = AutoConfig.for_model(model_type, **kwargs)
     cfg.architectures = [arch]
     return cfg

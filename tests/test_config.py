@@ -25,13 +25,18 @@ def test_rope_inv_freq_equals_transformers(name):
 
     cfg = hf_config(name)
     spec = mconfig.from_hf_config(cfg.to_dict())
-    kind = cfg.rope_parameters["rope_type"]
-    if kind == "default":
-        expected = 1.0 / (spec.rope.theta ** (
-            torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
-    else:
-        expected, _ = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
-    assert torch.equal(rope.rope_inv_freq(spec.rope, spec.head_dim), expected)
+    params = cfg.rope_parameters
+    # Gemma 3 keys its ropes by layer type: global (spec.rope) and sliding (spec.local_rope)
+    ropes = ({"full_attention": spec.rope, "sliding_attention": spec.local_rope}
+             if "full_attention" in params else {None: spec.rope})
+    for layer_type, ours in ropes.items():
+        kind = (params[layer_type] if layer_type else params)["rope_type"]
+        if kind == "default":
+            expected = 1.0 / (ours.theta ** (
+                torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
+        else:
+            expected, _ = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu", layer_type=layer_type)
+        assert torch.equal(rope.rope_inv_freq(ours, spec.head_dim), expected), layer_type
 
 
 def test_transformer_config_kwargs_carry_the_architecture():

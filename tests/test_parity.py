@@ -32,7 +32,10 @@ def tensors(directory: Path) -> dict:
 
 
 CASES = [(name, "sdpa") for name in sorted(CONFIGS)] + [("mistral", "megatron"),
-                                                         ("qwen3", "megatron")]
+                                                         ("qwen3", "megatron"),
+                                                         ("gemma3", "megatron")]
+CORES = {"sdpa": "SDPAttention", "megatron": "DotProductAttention"}
+SOFTCAPPED = {"gemma2"}  # attention logits soft-capped: shell/gemma.py's own core attention
 
 
 @pytest.mark.parametrize("name,attention", CASES)
@@ -44,7 +47,7 @@ def test_tp1_in_process(name, attention, dense_models, tmp_path):
     provider.finalize()
     model = provider.provide_distributed_model(wrap_with_ddp=False)
     core = type(model[0].decoder.layers[0].self_attention.core_attention).__name__
-    assert core == {"sdpa": "SDPAttention", "megatron": "DotProductAttention"}[attention]
+    assert core == ("SoftcapAttention" if name in SOFTCAPPED else CORES[attention])
     ids = sample_ids(bridge.spec.vocab_size, seq=12)
     ref = hf_logits(model_dir, ids)
     got = forward.logits(model, ids, provider.parallel_spec(), bridge.spec.vocab_size,
@@ -61,7 +64,7 @@ def test_tp1_in_process(name, attention, dense_models, tmp_path):
     assert streamed.keys() == src.keys() and all(torch.equal(streamed[k], src[k]) for k in src)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_bf16_model_round_trip_keeps_every_dtype(name, tmp_path):
     """A bf16 checkpoint in a bf16 model (``params_dtype="bfloat16"``) exports bf16 tensors
     identical to the input, norms included (the local spec's torch norms are built in float32

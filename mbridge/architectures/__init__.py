@@ -5,6 +5,7 @@ here plus one line below."""
 
 from mbridge.architectures import (  # noqa: F401  (register)
     deepseek_v3,
+    gemma,
     gpt_oss,
     llama,
     mistral,

@@ -13,6 +13,7 @@ rotates identically here.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -107,9 +108,13 @@ def set_rope(model, spec: ModelSpec) -> None:
         layer.self_attention.rotary_pos_emb.inv_freq = inv_freq.clone()
 
 
-BUILDERS: dict[str, Builder] = {
+BUILDERS: dict[str, Builder | str] = {
     "gpt": Builder(_gpt_layers, set_rope),
     "gpt_block": Builder(_block_layers, set_rope),
+    # architectures whose layers Megatron-Core lacks: a shell module with ``layers`` and
+    # ``finish``, imported when first used (it subclasses Megatron-Core's modules, and
+    # ``import mbridge`` does not import Megatron-Core)
+    "gemma": "mbridge.shell.gemma",
 }
 
 
@@ -118,7 +123,11 @@ def builder_of(spec: ModelSpec) -> Builder:
     if name not in BUILDERS:
         raise ValueError(f"{spec.architecture} names layer builder {name!r}, which the shell "
                          f"does not have (known: {', '.join(sorted(BUILDERS))})")
-    return BUILDERS[name]
+    entry = BUILDERS[name]
+    if isinstance(entry, str):
+        module = importlib.import_module(entry)
+        entry = BUILDERS[name] = Builder(module.layers, module.finish)
+    return entry
 
 
 def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
