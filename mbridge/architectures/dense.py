@@ -14,7 +14,7 @@ import math
 from functools import partial
 from typing import Any
 
-from mbridge.keys import HF_LAYER, MC_LAYER
+from mbridge.keys import EMBEDDING, FINAL_NORM, HF_LAYER, MC_LAYER, OUTPUT
 from mbridge.mappings.core import Mapping, at, chain, fuse, rename
 from mbridge.mappings.ops import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 from mbridge.rope import rope_attention_factor
@@ -141,18 +141,28 @@ def mlp() -> Mapping:
     )
 
 
-def mapping(spec: ModelSpec, multiple: int = 128) -> tuple[Mapping, ...]:
-    """The whole model as groups in a fixed global order: embedding, one group per layer,
-    then final norm and (untied) output layer. Import and export stream group by group."""
-    vocab = vocab_layout(spec.vocab_size, multiple)
-    layer = chain(attention(spec), mlp())
-    groups = [rename("model.embed_tokens.weight", "embedding.word_embeddings.weight", vocab)]
-    groups += [at(layer, i=i) for i in range(spec.num_layers)]
-    tail = [rename("model.norm.weight", "decoder.final_layernorm.weight", REPLICATED)]
+def embedding(spec: ModelSpec, multiple: int = 128) -> Mapping:
+    """The token embedding ``[vocab, hidden]``, vocab-padded over TP."""
+    return rename("model.embed_tokens.weight", EMBEDDING,
+                  vocab_layout(spec.vocab_size, multiple))
+
+
+def tail(spec: ModelSpec, multiple: int = 128) -> Mapping:
+    """The final norm and, untied only, the output layer ``[vocab, hidden]``."""
+    parts = [rename("model.norm.weight", FINAL_NORM, REPLICATED)]
     if not spec.tie_embeddings:
-        tail.append(rename("lm_head.weight", "output_layer.weight", vocab))
-    groups.append(chain(*tail))
-    return tuple(groups)
+        parts.append(rename("lm_head.weight", OUTPUT, vocab_layout(spec.vocab_size, multiple)))
+    return chain(*parts)
+
+
+def mapping(spec: ModelSpec, multiple: int = 128, *,
+            layer: Mapping | None = None) -> tuple[Mapping, ...]:
+    """The whole model as groups in a fixed global order: embedding, one group per layer
+    (``layer``, a template with ``{i}``; default the Llama layer), then the tail. Import
+    and export stream group by group."""
+    layer = layer or chain(attention(spec), mlp())
+    return (embedding(spec, multiple), *(at(layer, i=i) for i in range(spec.num_layers)),
+            tail(spec, multiple))
 
 
 def attention_shapes(spec: ModelSpec) -> Shapes:

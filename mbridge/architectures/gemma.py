@@ -27,9 +27,9 @@ from typing import Any
 from mbridge.architectures import dense
 from mbridge.architectures.registry import Architecture, register
 from mbridge.keys import HF_LAYER, MC_LAYER
-from mbridge.mappings.core import Mapping, at, chain, fuse, rename
+from mbridge.mappings.core import Mapping, chain, fuse, rename
 from mbridge.mappings.ops import fuse_gate_up, split_gate_up
-from mbridge.sharding.layout import COLUMN, GATED_COLUMN, REPLICATED, ROW, vocab_layout
+from mbridge.sharding.layout import COLUMN, GATED_COLUMN, REPLICATED, ROW
 from mbridge.specs import ModelSpec, RopeSpec
 
 Shapes = dict[str, tuple[int, ...]]
@@ -179,15 +179,8 @@ def layer(spec: ModelSpec) -> Mapping:
 
 
 def mapping(spec: ModelSpec, multiple: int = 128) -> tuple[Mapping, ...]:
-    """Embedding, one group per layer, final norm and (untied only) output layer."""
-    vocab = vocab_layout(spec.vocab_size, multiple)
-    groups = [rename("model.embed_tokens.weight", "embedding.word_embeddings.weight", vocab)]
-    groups += [at(layer(spec), i=i) for i in range(spec.num_layers)]
-    tail = [rename("model.norm.weight", "decoder.final_layernorm.weight", REPLICATED)]
-    if not spec.tie_embeddings:
-        tail.append(rename("lm_head.weight", "output_layer.weight", vocab))
-    groups.append(chain(*tail))
-    return tuple(groups)
+    """Embedding, one group per Gemma layer, final norm and (untied only) output layer."""
+    return dense.mapping(spec, multiple, layer=layer(spec))
 
 
 def layer_shapes(spec: ModelSpec, layer: int) -> Shapes:

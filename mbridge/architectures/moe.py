@@ -26,7 +26,7 @@ from mbridge.architectures import dense
 from mbridge.keys import HF_LAYER, MC_EXPERT, MC_LAYER
 from mbridge.mappings.core import Mapping, at, chain, fuse, rename
 from mbridge.mappings.ops import fuse_gate_up, split_gate_up
-from mbridge.sharding.layout import COLUMN, GATED_COLUMN, REPLICATED, ROW, Layout, vocab_layout
+from mbridge.sharding.layout import COLUMN, GATED_COLUMN, ROW, Layout
 from mbridge.specs import ModelSpec
 
 MC_MLP = MC_LAYER + "mlp."
@@ -106,8 +106,7 @@ def mapping(spec: ModelSpec, multiple: int, *, attention: Mapping, moe_block: Ma
     """The whole model in global order: embedding; per layer one group of attention, norms
     and (for MoE layers) ``moe_block``, followed by one group per expert (for dense layers
     ``dense_block``, default the Llama MLP); final norm and untied output layer."""
-    vocab = vocab_layout(spec.vocab_size, multiple)
-    groups = [rename("model.embed_tokens.weight", "embedding.word_embeddings.weight", vocab)]
+    groups = [dense.embedding(spec, multiple)]
     moe_layer = chain(attention, pre_mlp_norm(), moe_block)
     dense_layer = chain(attention, dense_block or dense.mlp())
     for i in range(spec.num_layers):
@@ -116,10 +115,7 @@ def mapping(spec: ModelSpec, multiple: int, *, attention: Mapping, moe_block: Ma
             continue
         groups.append(at(moe_layer, i=i))
         groups += [at(expert_template, i=i, e=e) for e in range(spec.moe.num_experts)]
-    tail = [rename("model.norm.weight", "decoder.final_layernorm.weight", REPLICATED)]
-    if not spec.tie_embeddings:
-        tail.append(rename("lm_head.weight", "output_layer.weight", vocab))
-    groups.append(chain(*tail))
+    groups.append(dense.tail(spec, multiple))
     return tuple(groups)
 
 
