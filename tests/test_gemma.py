@@ -84,9 +84,13 @@ def test_unsupported_settings_are_named(name, change, message):
         mconfig.from_hf_config(cfg)
 
 
-def test_transformer_engine_spec_is_refused():
-    from mbridge.shell import gemma
+def test_transformer_engine_spec_is_refused_and_never_chosen_by_default():
+    """Asking for TE's spec is an error naming the architecture; by default (``use_te=None``)
+    the Gemma builder has no TE variant, so the local layers are built even with TE present."""
+    from mbridge.shell import model
 
     spec = mconfig.from_hf_config(hf_config("gemma2").to_dict())
-    with pytest.raises(NotImplementedError, match="Transformer Engine"):
-        gemma.layers(spec, None, use_te=True, attention="sdpa", vp_stage=None, pp_rank=0)
+    with pytest.raises(NotImplementedError, match="Gemma2ForCausalLM with Transformer Engine"):
+        model.build_chunks(spec, ParallelSpec(), 0, use_te=True)
+    assert model.builder_of(spec).te is False
+    assert model.builder_of(mconfig.from_hf_config(hf_config("llama").to_dict())).te is True

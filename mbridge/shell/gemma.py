@@ -19,7 +19,8 @@ on top of ``megatron/core/models/gpt/gpt_layer_specs.py::get_gpt_layer_local_spe
   logit soft-cap (GPTModel builds those modules itself, so the spec cannot replace them).
 
 The layer keeps the local spec's ``sharded_state_dict_keys_map``, so checkpoints written for
-it (offline conversion included) load. Transformer Engine's spec is not supported yet.
+it (offline conversion included) load. Transformer Engine's spec is not supported yet
+(``TE = False``: the shell builds these local layers even where TE is installed).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from mbridge.rope import rope_inv_freq
 from mbridge.shell.fast_layers import SDPAttention
 from mbridge.specs import ModelSpec
+
+TE = False  # no Transformer Engine variant of these layers yet (shell/model.py Builder.te)
 
 
 class ZeroCenteredRMSNorm(torch.nn.Module):
@@ -193,9 +196,6 @@ def layers(spec: ModelSpec, cfg, *, use_te: bool, attention: str, vp_stage, pp_r
         get_num_layers_to_build,
     )
 
-    if use_te:
-        raise NotImplementedError(f"{spec.architecture} with Transformer Engine's layer spec "
-                                  "is not supported yet; use use_te=False")
     count = get_num_layers_to_build(cfg, vp_stage, pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer_spec(spec, attention)] * count,
                                       layer_norm=ZeroCenteredRMSNorm)

@@ -83,10 +83,13 @@ def layer_spec(spec: ModelSpec, use_te: bool | None = None, attention: str = "sd
 class Builder:
     """How the shell builds one architecture's layers: ``layers(spec, cfg, use_te=, attention=,
     vp_stage=, pp_rank=)`` -> the layer spec GPTModel takes; ``finish(model, spec)`` after
-    GPTModel is built (rotary frequencies and anything else the layers need)."""
+    GPTModel is built (rotary frequencies and anything else the layers need). ``te``: whether
+    ``layers`` has a Transformer Engine variant; without one the local spec is used even
+    where TE is installed (asking for ``use_te=True`` is an error)."""
 
     layers: Callable
     finish: Callable
+    te: bool = True
 
 
 def _gpt_layers(spec: ModelSpec, cfg, *, use_te: bool, attention: str, vp_stage, pp_rank):
@@ -126,7 +129,8 @@ def builder_of(spec: ModelSpec) -> Builder:
     entry = BUILDERS[name]
     if isinstance(entry, str):
         module = importlib.import_module(entry)
-        entry = BUILDERS[name] = Builder(module.layers, module.finish)
+        entry = BUILDERS[name] = Builder(module.layers, module.finish,
+                                         getattr(module, "TE", False))
     return entry
 
 
@@ -140,17 +144,19 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
     from megatron.core.models.gpt import GPTModel
 
     cpu_shim.apply()  # Megatron-Core's CUDA-only calls, bridged on a machine without CUDA
+    build = builder_of(spec)
     te = use_te if use_te is not None else have_te()
-    if spec.mla is not None and te:
-        # TE's MLA spec replicates the down-projections and fuses the latent norms into the
-        # up-projections; mbridge's MLA layouts follow the local spec (works on GPU too)
+    # TE's MLA spec replicates the down-projections and fuses the latent norms into the
+    # up-projections; mbridge's MLA layouts follow the local spec (works on GPU too)
+    local_only = "multi-latent attention" if spec.mla is not None else \
+        None if build.te else spec.architecture
+    if local_only and te:
         if use_te:
-            raise NotImplementedError("multi-latent attention with Transformer Engine's layer "
-                                      "spec is not supported yet; use use_te=False")
+            raise NotImplementedError(f"{local_only} with Transformer Engine's layer spec is "
+                                      "not supported yet; use use_te=False")
         te = False
     if spec.moe is not None and te:
         config_extra.setdefault("moe_grouped_gemm", True)  # TEGroupedMLP
-    build = builder_of(spec)
     cfg = transformer_config(spec, parallel, dtype, **config_extra)
     chunks = []
     for vp in range(parallel.vpp_size):
