@@ -137,10 +137,11 @@ def builder_of(spec: ModelSpec) -> Builder:
 def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
                  dtype: str = "float32", use_te: bool | None = None, attention: str = "sdpa",
                  device: torch.device | str | None = None, pg_collection=None,
-                 **config_extra) -> list:
+                 skip_init: bool = False, **config_extra) -> list:
     """This pipeline rank's model chunks (one per virtual stage), on ``device``, on the
     process groups ``pg_collection`` (Megatron-Core's ``ProcessGroupCollection``; None: the
-    groups ``parallel_state`` holds)."""
+    groups ``parallel_state`` holds). ``skip_init``: leave the weights as allocated (they
+    are loaded next): see ``skip_init_config``."""
     from megatron.core.models.gpt import GPTModel
 
     cpu_shim.apply()  # Megatron-Core's CUDA-only calls, bridged on a machine without CUDA
@@ -157,6 +158,8 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
         te = False
     if spec.moe is not None and te:
         config_extra.setdefault("moe_grouped_gemm", True)  # TEGroupedMLP
+    if skip_init:
+        config_extra = {**skip_init_config(te), **config_extra}
     cfg = transformer_config(spec, parallel, dtype, **config_extra)
     chunks = []
     for vp in range(parallel.vpp_size):
@@ -169,6 +172,8 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
         model = GPTModel(cfg, lspec, pre_process=first, post_process=last, vp_stage=vp_stage,
                          **mconfig.gpt_model_kwargs(spec, parallel), **extra)
         build.finish(model, spec)
+        if not cfg.perform_initialization:
+            mark_tensor_parallel(model)
         cast_torch_norms(model, cfg.params_dtype)
         if device is not None:
             model.to(device)
@@ -255,6 +260,43 @@ def _no_init(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def skip_init_config(te: bool) -> dict:
+    """Config settings that build a model without drawing random weights (every parameter is
+    loaded next, and ``convert.load_hf`` checks it). Local layers: ``perform_initialization=
+    False``, which also skips Megatron-Core's CPU init path (a float32 master weight, split,
+    cast and copy per parameter: most of a 1B import's time) and the tensor-parallel
+    attributes it sets, which ``mark_tensor_parallel`` restores (without them gradient norms
+    are wrong at TP=2: NaN, seen). Transformer Engine's layers keep their own init path,
+    with no-op init methods."""
+    if not te:
+        return dict(perform_initialization=False)
+    return dict.fromkeys(("init_method", "output_layer_init_method", "embedding_init_method"),
+                         _no_init)
+
+
+def mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """The tensor-parallel attributes Megatron-Core's init path sets on the weights of its
+    parallel layers (``tensor_parallel/layers.py``: ``set_tensor_model_parallel_attributes``
+    in ``_initialize_affine_weight_cpu``/``_gpu``), for a model built with
+    ``perform_initialization=False``: column-parallel linears and the vocab-parallel
+    embedding split dim 0, row-parallel linears dim 1; stride 1, except an MLP's gated
+    ``linear_fc1`` (stride 2, ``[gate; up]`` per rank: ``transformer/mlp.py``)."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer.mlp import MLP
+
+    dims = ((layers.VocabParallelEmbedding, 0), (layers.ColumnParallelLinear, 0),
+            (layers.RowParallelLinear, 1))
+    gated = {id(m.linear_fc1) for m in model.modules()
+             if isinstance(m, MLP) and m.config.gated_linear_unit and not m.config.use_kitchen}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        dim = next((d for cls, d in dims if isinstance(module, cls)), None)
+        if dim is None or weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        stride = 2 if id(module) in gated else 1
+        layers.set_tensor_model_parallel_attributes(weight, True, dim, stride)
+
+
 Hook = Callable[[list], list | None]
 
 
@@ -266,17 +308,10 @@ def provide(spec: ModelSpec, parallel: ParallelSpec, groups, *, weights=None,
     (``shell.weights``; None: Megatron-Core's random init), apply the pre-wrap hooks in order
     (each takes the chunk list and returns it, a new one, or None for "unchanged"; a hook may
     add parameters no checkpoint holds, such as adapters), then wrap in DDP if asked."""
-    extra = dict(config_extra or {})
-    if weights is not None:
-        # every parameter is overwritten (load checks it), so skip drawing random weights,
-        # most of import's time on CPU. Not perform_initialization=False: that also skips
-        # Megatron-Core's tensor-parallel attributes on the weights (seen: NaN gradient
-        # norms at TP=2).
-        for name in ("init_method", "output_layer_init_method", "embedding_init_method"):
-            extra.setdefault(name, _no_init)
     chunks = build_chunks(spec, parallel, groups.rank.pp, dtype=dtype, use_te=use_te,
                           attention=attention, device=dist.device(),
-                          pg_collection=groups.collection, **extra)
+                          pg_collection=groups.collection, skip_init=weights is not None,
+                          **(config_extra or {}))
     if weights is not None:
         weights.load(chunks, parallel, groups)
     hooks = pre_wrap_hook if isinstance(pre_wrap_hook, (list, tuple)) else [pre_wrap_hook]
