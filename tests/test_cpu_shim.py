@@ -32,3 +32,31 @@ def test_shim_bridges_cuda_only_calls():
         assert torch.equal(torch.rand(3), first)  # same seed, same draws
     with tracker.fork("a"):
         assert not torch.equal(torch.rand(3), first)  # the state advanced
+
+
+def test_router_gemm_is_bridged_with_cuda_present_too():
+    """Megatron-Core 0.16's router GEMM names ``te_general_gemm``, bound only when Transformer
+    Engine imports: on a GPU without TE the first MoE forward raised NameError. Run where
+    ``torch.cuda.is_available()`` says True (so ``apply`` does nothing), as on such a GPU."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.util, torch
+torch.cuda.is_available = lambda: True
+from mbridge.shell import cpu_shim
+assert cpu_shim.apply() is False
+from megatron.core.transformer.moe import moe_utils
+assert importlib.util.find_spec("transformer_engine") is None
+assert not hasattr(moe_utils, "te_general_gemm")  # the NameError, before the bridge
+cpu_shim.bridge_missing_te()
+cpu_shim.bridge_missing_te()  # once per process: it wraps a constructor
+inp, w = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+out = moe_utils.RouterGatingLinearFunction.apply(inp, w, None, torch.float32)
+assert torch.allclose(out, inp @ w.t())
+out.sum().backward()
+assert torch.allclose(w.grad, torch.ones(5, 3).t() @ inp)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

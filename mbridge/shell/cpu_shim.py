@@ -1,7 +1,10 @@
 """Let Megatron-Core 0.16 run on a machine without CUDA.
 
 Applied by ``apply()`` only when ``torch.cuda.is_available()`` is False; with CUDA present it
-does nothing. It bridges exactly these CUDA-only calls:
+does nothing. It bridges exactly these CUDA-only calls (items 7 and 8 are Transformer
+Engine's, not CUDA's: ``bridge_missing_te()`` applies them on any device, GPU included,
+where Megatron-Core 0.16's router fails its first forward with ``NameError: name
+'te_general_gemm' is not defined`` without TE; ``apply()`` calls it too):
 
 1. ``torch.cuda.current_device()`` -> ``"cpu"``: Megatron passes it as ``device=`` when it
    allocates (rotary frequencies, softmax offsets, buffers).
@@ -72,7 +75,7 @@ def apply() -> bool:
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     _patch_tracker_add(mrandom)
-    _bridge_missing_te()
+    bridge_missing_te()
     for module in (fused_softmax, mutils):
         module.get_default_causal_mask = _causal_mask
         module.get_sliding_window_causal_mask = _sliding_window_mask
@@ -80,8 +83,15 @@ def apply() -> bool:
     return True
 
 
-def _bridge_missing_te() -> None:
-    """Items 7 and 8 above."""
+_te_bridged = False
+
+
+def bridge_missing_te() -> None:
+    """Items 7 and 8 above, on any device; once per process (it wraps a constructor)."""
+    global _te_bridged
+    if _te_bridged:
+        return
+    _te_bridged = True
     import importlib.util
 
     from megatron.core.transformer import dot_product_attention as dpa

@@ -145,6 +145,7 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
     from megatron.core.models.gpt import GPTModel
 
     cpu_shim.apply()  # Megatron-Core's CUDA-only calls, bridged on a machine without CUDA
+    cpu_shim.bridge_missing_te()  # and its unguarded uses of TE, on any device
     build = builder_of(spec)
     te = use_te if use_te is not None else have_te()
     # TE's MLA spec replicates the down-projections and fuses the latent norms into the
@@ -195,7 +196,9 @@ def cast_torch_norms(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank: int):
     """This stage's layer specs for MoE and multi-latent attention models: Megatron-Core's
     ``get_gpt_decoder_block_spec`` (MoE or dense MLP per layer from ``moe_layer_freq``),
-    with the local spec's core attention swapped as ``layer_spec`` does."""
+    with the local spec's core attention swapped as ``layer_spec`` does and its
+    ``SequentialMLP`` experts for ``GroupedSequentialMLP`` (shell/experts.py: the same
+    parameters, one grouped product per linear instead of a loop over the experts)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=use_te,
@@ -205,8 +208,10 @@ def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank:
         return block
     if attention not in ("sdpa", "megatron"):
         raise ValueError(f"attention={attention!r}; use 'sdpa' or 'megatron'")
+    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from mbridge.shell.experts import GroupedSequentialMLP
     from mbridge.shell.fast_layers import SDPAttention
 
     layers = []
@@ -218,6 +223,8 @@ def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank:
         # checkpoint names as Transformer Engine's spec writes them (sharding/dist_checkpoint)
         sub.sharded_state_dict_keys_map = checkpoint_renames(
             sub.mlp.module is MoELayer, cfg.multi_latent_attention)
+        if sub.mlp.module is MoELayer and sub.mlp.submodules.experts.module is SequentialMLP:
+            sub.mlp.submodules.experts.module = GroupedSequentialMLP  # same parameters
         layers.append(layer)
     block.layer_specs = layers
     return block

@@ -1,0 +1,191 @@
+"""MoE training throughput on one GPU: mbridge on Megatron-Core vs Hugging Face, same run.
+
+Model: Qwen3-30B-A3B's layer shape (hidden 2048, 32 query / 4 KV heads, head_dim 128, 128
+experts, moe ffn 768, top-8, vocab 151936, untied) with ``--layers`` layers, seq 4096, bf16
+compute with fp32 master weights, AdamW, clip 1.0, random tokens. MFU counts the active
+parameters only (the top-k experts a token runs, not all 128):
+
+    N_active/layer = attention (q, k, v, o; q/k norms) + router (h * E) + k * 3 * h * f_moe
+    flops/step = 6 * (L * N_active/layer + V * h) * T + 12 * L * (heads * head_dim) * s * T
+
+(T tokens per step; the output layer counted, the embedding lookup not), against the bf16
+matmul rate measured in the same run. Variants:
+  mbridge          Megatron-Core GPTModel from ``AutoBridge.from_hf_config(cfg)``, local spec
+                   (SDPA attention, GroupedSequentialMLP experts: torch._grouped_mm), router
+                   and all-to-all dispatcher as Megatron-Core computes them, DDP + distributed
+                   optimizer, fused AdamW, Megatron-Core's forward_backward_func
+  mbridge_seq      the same with Megatron-Core's SequentialMLP experts (a loop over experts)
+  hf_eager         transformers Qwen3MoeForCausalLM (sdpa), fp32 params + bf16 autocast,
+                   torch.optim.AdamW(fused=True), clip_grad_norm_(1.0)
+  hf_compile       the same model under torch.compile
+
+    python benchmarks/moe_throughput.py --variants mbridge,hf_eager,hf_compile --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+
+import torch
+from train_throughput import matmul_tflops, time_steps
+
+SHAPE = dict(vocab=151936, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128,
+             moe_ffn=768, topk=8)
+
+
+def hf_config(layers: int, seq: int):
+    from transformers import Qwen3MoeConfig
+
+    m = SHAPE
+    return Qwen3MoeConfig(vocab_size=m["vocab"], hidden_size=m["hidden"],
+                          num_hidden_layers=layers, num_attention_heads=m["heads"],
+                          num_key_value_heads=m["kv_heads"], head_dim=m["head_dim"],
+                          intermediate_size=6144, moe_intermediate_size=m["moe_ffn"],
+                          num_experts=m["experts"], num_experts_per_tok=m["topk"],
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          max_position_embeddings=seq, tie_word_embeddings=False,
+                          output_router_logits=True, router_aux_loss_coef=0.001,
+                          architectures=["Qwen3MoeForCausalLM"])
+
+
+def flops_per_step(layers: int, seq: int, tokens: int) -> float:
+    m = SHAPE
+    h, q, kv = m["hidden"], m["heads"] * m["head_dim"], m["kv_heads"] * m["head_dim"]
+    attn = h * q + 2 * h * kv + q * h + 2 * m["head_dim"] + 2 * h
+    per_layer = attn + h * m["experts"] + m["topk"] * 3 * h * m["moe_ffn"]
+    active = layers * per_layer + h + m["vocab"] * h
+    return 6 * active * tokens + 12 * layers * q * seq * tokens
+
+
+def hf_variant(layers: int, mb: int, seq: int, compile_: bool):
+    from transformers import Qwen3MoeForCausalLM
+
+    cfg = hf_config(layers, seq)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen3MoeForCausalLM(cfg).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile_ else model
+    ids = torch.randint(0, SHAPE["vocab"], (mb, seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, (model, opt)
+
+
+def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mbridge import AutoBridge
+    from mbridge.shell import experts
+
+    if sequential:  # Megatron-Core's own loop, for comparison
+        from megatron.core.transformer.moe.experts import SequentialMLP
+
+        experts.GroupedSequentialMLP.forward = SequentialMLP.forward
+    provider = AutoBridge.from_hf_config(hf_config(layers, seq).to_dict()).to_megatron_provider(
+        load_weights=False)
+    provider.params_dtype = "bfloat16"
+    provider.finalize()
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp)
+    from mbridge.shell.fast_layers import use_fused_cross_entropy
+
+    use_fused_cross_entropy(model[0].module)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=True,
+                                                 use_distributed_optimizer=True, clip_grad=1.0,
+                                                 params_dtype=torch.bfloat16), model)
+    for inner in getattr(opt, "chained_optimizers", [opt]):
+        for group in inner.optimizer.param_groups:
+            group.update(fused=True, foreach=False)
+    ids = torch.randint(0, SHAPE["vocab"], (mb, seq), device="cuda")
+    pos = torch.arange(seq, device="cuda").unsqueeze(0).expand(mb, -1)
+    fb = get_forward_backward_func()
+
+    def forward_step(data_iterator, chunk):
+        out = chunk(ids, pos, attention_mask=None, labels=ids)
+        return out, lambda t: (t.float().mean(), {"loss": t.float().mean().detach()})
+
+    def step():
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        opt.zero_grad()
+        losses = fb(forward_step_func=forward_step, data_iterator=None, model=model,
+                    num_microbatches=1, seq_length=seq, micro_batch_size=mb, forward_only=False)
+        opt.step()
+        return losses[0]["loss"]
+
+    return step, (model, opt)
+
+
+def build(variant: str, layers: int, mb: int, seq: int):
+    if variant.startswith("hf"):
+        return hf_variant(layers, mb, seq, variant == "hf_compile")
+    if variant in ("mbridge", "mbridge_seq"):
+        return mbridge_variant(layers, mb, seq, variant == "mbridge_seq")
+    raise SystemExit(f"unknown variant {variant!r}; use mbridge, mbridge_seq, hf_eager or "
+                     "hf_compile")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="mbridge,hf_eager,hf_compile")
+    p.add_argument("--layers", default="4", help="comma-separated layer counts")
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write results here")
+    p.add_argument("--profile", default=None, metavar="VARIANT:LAYERS",
+                   help="also print the top CUDA kernels of one variant, e.g. mbridge:4")
+    args = p.parse_args()
+    peak = matmul_tflops()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"bf16 matmul {peak:.0f} TFLOP/s (measured)", flush=True)
+    rows = []
+    for variant in args.variants.split(","):
+        for layers in map(int, args.layers.split(",")):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            row = dict(variant=variant, layers=layers, micro_batch=args.micro_batch,
+                       seq=args.seq)
+            try:
+                step, keep = build(variant, layers, args.micro_batch, args.seq)
+                dt = time_steps(step, args.steps, args.warmup)
+                tokens = args.micro_batch * args.seq
+                tflops = flops_per_step(layers, args.seq, tokens) / dt / 1e12
+                row.update(step_s=round(dt, 4), tokens_per_s=round(tokens / dt),
+                           tflops=round(tflops, 1), mfu=round(tflops / peak, 3),
+                           peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+                del step, keep
+            except torch.OutOfMemoryError:
+                row.update(error="out of memory")
+            except Exception as e:  # report and go on
+                row.update(error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(peak_tflops=peak, rows=rows), f, indent=1)
+            gc.collect()
+            torch.cuda.empty_cache()
+    if args.profile:
+        from train_throughput import profile
+
+        variant, layers = args.profile.split(":")
+        step, keep = build(variant, int(layers), args.micro_batch, args.seq)
+        profile(step, f"{variant} at {layers} layers")
+
+
+if __name__ == "__main__":
+    main()

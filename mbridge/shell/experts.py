@@ -1,0 +1,97 @@
+"""Grouped-GEMM experts without Transformer Engine.
+
+Megatron-Core's local spec runs an MoE layer's experts as ``SequentialMLP``: a Python loop of
+two matrix products per expert (128 experts: 256 small GEMMs and a host sync per layer), and
+its grouped variants need TE (``TEGroupedMLP``) or the ``grouped_gemm`` extension
+(``GroupedMLP``). ``GroupedSequentialMLP`` keeps everything of ``SequentialMLP`` except the
+forward: the same ``local_experts.{j}.linear_fc{1,2}`` parameters (so conversion, distributed
+checkpoints, tensor-parallel attributes and DDP see exactly what they see for SequentialMLP),
+the same router and token dispatcher before it (tokens arrive sorted by local expert, with
+``tokens_per_expert`` counts), and one grouped product per linear over all local experts:
+``torch._grouped_mm`` on CUDA with bf16 on Hopper or newer, a loop over the experts
+elsewhere (CPU, other dtypes). The weights are stacked per forward (one copy, about 10% of
+the experts' time at the Qwen3-30B-A3B shape); the activation, per-token probabilities and
+biases follow ``MLP.forward``'s unfused path line by line.
+
+Expert linears take no tensor-parallel collective here: Megatron-Core marks an expert's
+linears ``explicit_expert_comm`` when EP or expert-TP > 1 (the dispatcher does the
+communication), and at EP = expert-TP = 1 they have none to do.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+
+def grouped_mm_usable(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` serves these inputs: CUDA, bf16, compute capability 9.0
+    or newer (the kernel torch ships is Hopper's), and a torch that has it."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
+               counts: list[int] | None = None) -> torch.Tensor:
+    """Rows ``offs[j-1]:offs[j]`` of ``x`` [T, k] times ``w[j]`` [k, n], as one [T, n] tensor.
+    ``torch._grouped_mm`` where usable, else a loop over the groups (``counts``: the group
+    sizes, given where the caller has them on the host already)."""
+    if grouped_mm_usable(x) and x.shape[0] > 0:
+        return torch._grouped_mm(x, w, offs=offs)
+    if counts is None:
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    parts = torch.split(x, counts)
+    return torch.cat([p @ w[j] for j, p in enumerate(parts)], dim=0)
+
+
+def per_token(rows: torch.Tensor, offs: torch.Tensor, total: int) -> torch.Tensor:
+    """``rows[j]`` repeated for each of group ``j``'s tokens: [T, n] (no host sync)."""
+    expert = torch.searchsorted(offs, torch.arange(total, device=offs.device, dtype=offs.dtype),
+                                right=True)
+    return rows[expert]
+
+
+class GroupedSequentialMLP(SequentialMLP):
+    """``SequentialMLP`` with its experts' products grouped (module docstring)."""
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor,
+                tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
+        cfg = self.config
+        if cfg.fp8 or cfg.fp4 or self.num_local_experts == 1:
+            return super().forward(permuted_local_hidden_states, tokens_per_expert,
+                                   permuted_probs)
+        x, probs = permuted_local_hidden_states, permuted_probs
+        if cfg.moe_apply_probs_on_input:  # as SequentialMLP
+            assert cfg.moe_router_topk == 1, \
+                "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
+            x = (probs.unsqueeze(-1) * x).to(x.dtype)
+            probs = torch.ones_like(probs)
+        fast = grouped_mm_usable(x)
+        counts = None if fast else [int(c) for c in tokens_per_expert.tolist()]
+        offs = torch.cumsum(tokens_per_expert.to(x.device), 0).to(torch.int32)
+        fc1 = [e.linear_fc1 for e in self.local_experts]
+        fc2 = [e.linear_fc2 for e in self.local_experts]
+        w1 = torch.stack([m.weight for m in fc1]).transpose(1, 2)  # [E, h, f1]
+        h = grouped_mm(x, w1, offs, counts)
+        if fc1[0].bias is not None:
+            h = h + per_token(torch.stack([m.bias for m in fc1]), offs, x.shape[0])
+        h = self._activation(h, probs)
+        w2 = torch.stack([m.weight for m in fc2]).transpose(1, 2)  # [E, f, h]
+        out = grouped_mm(h, w2, offs, counts)
+        if fc2[0].bias is not None:  # MLP.forward: an expert's bias is scaled by its prob
+            bias = per_token(torch.stack([m.bias for m in fc2]), offs, x.shape[0])
+            out = (out + bias * probs.unsqueeze(-1)).to(out.dtype)
+        return out, None
+
+    def _activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``MLP.forward``'s unfused activation with ``per_token_scale=probs``."""
+        cfg = self.config
+        if cfg.gated_linear_unit:
+            x_glu, x_linear = torch.chunk(h, 2, dim=-1)
+            if (val := cfg.activation_func_clamp_value) is not None:
+                x_glu = x_glu.clamp(min=None, max=val)
+                x_linear = x_linear.clamp(min=-val, max=val)
+            h = cfg.activation_func(x_glu) * (x_linear + cfg.glu_linear_offset)
+        else:
+            h = cfg.activation_func(h)
+        return (h * probs.unsqueeze(-1)).to(h.dtype)
