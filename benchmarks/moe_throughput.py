@@ -153,7 +153,7 @@ def main():
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"bf16 matmul {peak:.0f} TFLOP/s (measured)", flush=True)
     rows = []
-    for variant in args.variants.split(","):
+    for variant in filter(None, args.variants.split(",")):
         for layers in map(int, args.layers.split(",")):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

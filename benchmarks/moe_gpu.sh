@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one-GPU MoE checks and measurements in one call (device time is scarce), each step under
+# its own time limit; results go to $OUT (default ./out/moe_gpu):
+#   bash benchmarks/moe_gpu.sh [checks] [throughput] [more]   (default: all three)
+# Needs CUDA torch, transformers and megatron-core (on the lent GPU machine: the wheels of
+# ../shared/gpu/wheels.sh, plus pytest and its dependencies, on PYTHONPATH).
+set -uo pipefail
+phases=${*:-checks throughput more}
+has() { [[ " $phases " == *" $1 "* ]]; }
+out=${OUT:-out/moe_gpu}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+step() {  # step NAME SECONDS CMD...: run, log to $out/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee "$out/$name.log" | tail -40
+}
+if has checks; then
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  $py -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'megatron-core', m.__version__); \
+print('torch._grouped_mm', getattr(torch, '_grouped_mm', None)); \
+x = torch.randn(96, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True); \
+w = torch.randn(3, 32, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True); \
+o = torch.tensor([32, 32, 96], device='cuda', dtype=torch.int32); \
+y = torch._grouped_mm(x, w.transpose(1, 2), offs=o); y.sum().backward(); \
+ref = torch.cat([x[a:b] @ w[j].t() for j, (a, b) in enumerate([(0, 32), (32, 32), (32, 96)])]); \
+print('grouped_mm', tuple(y.shape), 'max diff vs loop', (y - ref).abs().max().item(), \
+'grad', w.grad.shape)"; } 2>&1 | tee "$out/gpu.txt"
+step tests "${T_TESTS:-150}" $py -m pytest -q -p no:cacheprovider -x tests/gpu \
+  tests/moe/test_moe_experts.py tests/test_cpu_shim.py
+fi
+mt=benchmarks/moe_throughput.py
+if has throughput; then
+step moe "${T_MOE:-230}" $py $mt --variants mbridge,hf_eager,hf_compile --layers 4
+step moe_more "${T_MORE:-100}" $py $mt --variants mbridge --layers 8 --steps 3 --warmup 2
+fi
+if has more; then
+step moe_seq "${T_SEQ:-60}" $py $mt --variants mbridge_seq --layers 4 --steps 2 --warmup 1
+step profile "${T_PROFILE:-60}" $py $mt --variants '' --layers 4 --profile mbridge:4
+step convert_gpu "${T_CONVERT:-90}" $py benchmarks/convert.py --size 1b --workdir /tmp/bench \
+  --gpu
+fi
