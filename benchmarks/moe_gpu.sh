@@ -23,7 +23,7 @@ print('torch._grouped_mm', getattr(torch, '_grouped_mm', None)); \
 x = torch.randn(96, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True); \
 w = torch.randn(3, 32, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True); \
 o = torch.tensor([32, 32, 96], device='cuda', dtype=torch.int32); \
-y = torch._grouped_mm(x, w.transpose(1, 2), offs=o); y.sum().backward(); \
+y = torch._grouped_mm(x, w.transpose(1, 2), offs=o); y.float().square().sum().backward(); \
 ref = torch.cat([x[a:b] @ w[j].t() for j, (a, b) in enumerate([(0, 32), (32, 32), (32, 96)])]); \
 print('grouped_mm', tuple(y.shape), 'max diff vs loop', (y - ref).abs().max().item(), \
 'grad', w.grad.shape)"; } 2>&1 | tee "$out/gpu.txt"
@@ -33,11 +33,12 @@ fi
 mt=benchmarks/moe_throughput.py
 if has throughput; then
 step moe "${T_MOE:-230}" $py $mt --variants mbridge,hf_eager,hf_compile --layers 4
+step moe_hf_bf16 "${T_HFBF16:-150}" $py $mt --variants hf_bf16_eager,hf_bf16_compile --layers 4
 step moe_more "${T_MORE:-100}" $py $mt --variants mbridge --layers 8 --steps 3 --warmup 2
 fi
 if has more; then
 step moe_seq "${T_SEQ:-60}" $py $mt --variants mbridge_seq --layers 4 --steps 2 --warmup 1
-step profile "${T_PROFILE:-60}" $py $mt --variants '' --layers 4 --profile mbridge:4
+step profile "${T_PROFILE:-70}" $py $mt --variants '' --layers 4 --profile mbridge:4
 step convert_gpu "${T_CONVERT:-90}" $py benchmarks/convert.py --size 1b --workdir /tmp/bench \
   --gpu
 fi

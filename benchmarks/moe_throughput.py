@@ -18,6 +18,9 @@ matmul rate measured in the same run. Variants:
   hf_eager         transformers Qwen3MoeForCausalLM (sdpa), fp32 params + bf16 autocast,
                    torch.optim.AdamW(fused=True), clip_grad_norm_(1.0)
   hf_compile       the same model under torch.compile
+  hf_bf16_eager    transformers with bf16 parameters and AdamW state (no fp32 master weights:
+  hf_bf16_compile  less exact, but only then do its experts take torch._grouped_mm: with fp32
+                   weights under autocast they fall back to a loop), eager and compiled
 
     python benchmarks/moe_throughput.py --variants mbridge,hf_eager,hf_compile --layers 4
 """
@@ -59,18 +62,20 @@ def flops_per_step(layers: int, seq: int, tokens: int) -> float:
     return 6 * active * tokens + 12 * layers * q * seq * tokens
 
 
-def hf_variant(layers: int, mb: int, seq: int, compile_: bool):
+def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = False):
     from transformers import Qwen3MoeForCausalLM
 
     cfg = hf_config(layers, seq)
     cfg._attn_implementation = "sdpa"
     model = Qwen3MoeForCausalLM(cfg).cuda().train()
+    if bf16:  # bf16 weights and optimizer state: transformers' grouped_mm experts need it
+        model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(model) if compile_ else model
     ids = torch.randint(0, SHAPE["vocab"], (mb, seq), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not bf16):
             loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,12 +134,12 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool):
 
 
 def build(variant: str, layers: int, mb: int, seq: int):
-    if variant.startswith("hf"):
-        return hf_variant(layers, mb, seq, variant == "hf_compile")
+    if variant in ("hf_eager", "hf_compile", "hf_bf16_eager", "hf_bf16_compile"):
+        return hf_variant(layers, mb, seq, variant.endswith("compile"), "bf16" in variant)
     if variant in ("mbridge", "mbridge_seq"):
         return mbridge_variant(layers, mb, seq, variant == "mbridge_seq")
-    raise SystemExit(f"unknown variant {variant!r}; use mbridge, mbridge_seq, hf_eager or "
-                     "hf_compile")
+    raise SystemExit(f"unknown variant {variant!r}; use mbridge, mbridge_seq, hf_eager, "
+                     "hf_compile, hf_bf16_eager or hf_bf16_compile")
 
 
 def main():

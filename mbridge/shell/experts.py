@@ -37,7 +37,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
     ``torch._grouped_mm`` where usable, else a loop over the groups (``counts``: the group
     sizes, given where the caller has them on the host already)."""
     if grouped_mm_usable(x) and x.shape[0] > 0:
-        return torch._grouped_mm(x, w, offs=offs)
+        out = torch._grouped_mm(x, w, offs=offs)
+        if out.requires_grad:  # its backward rejects a broadcast gradient (stride 0, seen)
+            out.register_hook(lambda grad: grad.contiguous())
+        return out
     if counts is None:
         counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
     parts = torch.split(x, counts)
