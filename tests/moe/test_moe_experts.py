@@ -51,14 +51,16 @@ def test_same_parameters_as_sequential_and_exact_round_trip(name, moe_dirs, tmp_
 
 
 def routed_inputs(m, tokens: int, seed: int = 0):
+    """Inputs as the dispatcher gives them, on the module's device (a GPU where there is one)."""
     g = torch.Generator().manual_seed(seed)
     n = m.num_local_experts
     counts = torch.distributions.Multinomial(tokens, torch.rand(n, generator=g)).sample().long()
     counts[n // 2] = 0  # an expert no token chose
     total = int(counts.sum())
-    x = torch.randn(total, m.config.hidden_size, generator=g, requires_grad=True)
-    probs = torch.rand(total, generator=g, requires_grad=True)
-    return x, counts, probs
+    device = next(m.parameters()).device
+    x = torch.randn(total, m.config.hidden_size, generator=g).to(device).requires_grad_()
+    probs = torch.rand(total, generator=g).to(device).requires_grad_()
+    return x, counts.to(device), probs
 
 
 @pytest.mark.parametrize("name", ARCHS)
