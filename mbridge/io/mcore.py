@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.checkpoint.storage import WriteResult
 
 from mbridge.io.hf import CheckpointError, copy_side_files
+from mbridge.io.safe_load import check_pickles, read_metadata
 from mbridge.io.torch_record import Window, map_record
 from mbridge.sharding.dist_checkpoint import Region
 from mbridge.train.cadence import checkpoint_name
@@ -154,7 +155,8 @@ def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]
 class McoreReader:
     """Read-only view of a ``torch_dist`` checkpoint: any box of any tensor, whatever chunks
     it was written in (by this writer, or by Megatron-Core at any TP/PP). Validates on open
-    that it is a torch_dist checkpoint whose data files exist inside the directory."""
+    that it is a torch_dist checkpoint whose data files exist inside the directory and whose
+    pickles (``.metadata``, ``common.pt``, object records) hold nothing that runs code."""
 
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory)
@@ -169,11 +171,9 @@ class McoreReader:
         if backend != "torch_dist":
             raise CheckpointError(f"{self.path} has sharded_backend={backend!r}; only "
                                   "torch_dist checkpoints can be read")
-        try:
-            self.metadata: Metadata = FileSystemReader(self.path).read_metadata()
-        except Exception as e:  # pickle and file errors alike
-            raise CheckpointError(f"cannot read {self.path / '.metadata'}: {e}") from None
+        self.metadata: Metadata = read_metadata(self.path)  # runs no code: safe_load
         self._check_files()
+        check_pickles(self.path, self.metadata)
 
     def _check_files(self) -> None:
         root = self.path.resolve()
