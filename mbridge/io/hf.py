@@ -41,6 +41,37 @@ class CheckpointError(ValueError):
     """A checkpoint on disk is missing, malformed or does not match the model."""
 
 
+def hub_repo(directory: Path) -> Path | None:
+    """The repo cache a Hugging Face hub snapshot lives in, or None:
+    ``~/.cache/huggingface/hub/models--org--name/snapshots/<rev>`` ->
+    ``.../models--org--name`` (its files are symlinks into that repo's ``blobs/``)."""
+    directory = directory.absolute()
+    repo = directory.parent.parent
+    if directory.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return None
+
+
+def inside(directory: str | os.PathLike, name: str, who: str) -> Path:
+    """``directory / name`` when it stays inside ``directory``; CheckpointError otherwise.
+
+    ``name`` (from an index file, so untrusted) must not leave ``directory`` by itself:
+    absolute paths and ``..`` are refused however they resolve. The file it names may be a
+    symlink to a file inside ``directory``, or, in a Hugging Face hub snapshot, into the
+    snapshot's own repo cache (``../../blobs/<hash>``, how the hub stores every file)."""
+    directory = Path(directory)
+    parts = Path(os.path.normpath(name)).parts
+    if not parts or Path(name).is_absolute() or parts[0] == "..":
+        raise CheckpointError(f"{who} {name!r}, a path outside {directory}")
+    path = directory / name
+    target = path.resolve()
+    roots = [directory.resolve()] + [r.resolve() for r in [hub_repo(directory)] if r]
+    if not any(root in target.parents for root in roots):
+        raise CheckpointError(f"{who} {name!r}, a symlink to {target}, a path outside "
+                              f"{directory}; copy the file into the directory")
+    return path
+
+
 class HFCheckpoint:
     """Read-only view of an HF checkpoint directory; tensors are read lazily."""
 
@@ -74,15 +105,13 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
-            root = self.path.resolve()
             for name in set(weight_map.values()):
-                target = (self.path / name).resolve()
-                if root not in target.parents:
-                    raise CheckpointError(f"{index} names {name!r}, a path outside {self.path}")
+                target = inside(self.path, name, f"{index} names")
                 if not target.is_file():
                     raise CheckpointError(f"{index} names shard {name!r}, which does not exist")
             return dict(weight_map)
         if (self.path / SINGLE).is_file():
+            inside(self.path, SINGLE, f"{self.path} holds")
             with self._open_file(SINGLE) as f:
                 return {k: SINGLE for k in f.keys()}
         raise CheckpointError(f"{self.path} has neither {INDEX} nor {SINGLE}")

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
 
-from mbridge.io.hf import CheckpointError, copy_side_files
+from mbridge.io.hf import CheckpointError, copy_side_files, inside
 from mbridge.io.safe_load import check_pickles, read_metadata
 from mbridge.io.torch_record import Window, map_record
 from mbridge.sharding.dist_checkpoint import Region
@@ -176,15 +176,12 @@ class McoreReader:
         check_pickles(self.path, self.metadata)
 
     def _check_files(self) -> None:
-        root = self.path.resolve()
         ends: dict[str, int] = {}
         for info in self.metadata.storage_data.values():
             ends[info.relative_path] = max(ends.get(info.relative_path, 0),
                                            info.offset + info.length)
         for name, end in ends.items():
-            target = (self.path / name).resolve()
-            if root not in target.parents:
-                raise CheckpointError(f"{self.path} metadata names {name!r}, outside the directory")
+            target = inside(self.path, name, f"{self.path} metadata names")
             if not target.is_file():
                 raise CheckpointError(f"{self.path} metadata names {name!r}, which does not exist")
             if target.stat().st_size < end:
