@@ -77,6 +77,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mbridge import offline, verify
+    from mbridge.io.output import OutputExists
 
     # SIGTERM unwinds like Ctrl-C, so the temporary output directory is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -102,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.quiet)
         print(format_report(report))
         return 0 if report.passed else 1
+    except OutputExists as e:
+        print(f"mbridge convert {args.action}: error: {e.message('--overwrite')}",
+              file=sys.stderr)
+        return 2
     except (ValueError, NotImplementedError, FileExistsError, OSError) as e:
         print(f"mbridge convert {args.action}: error: {e}", file=sys.stderr)
         return 2

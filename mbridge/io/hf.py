@@ -3,19 +3,17 @@
 The reader validates before anything is converted: config.json present and valid, index
 json naming only files inside the directory that exist, every file a readable safetensors.
 The writer streams tensors into ``model-0000k-of-0000n.safetensors`` shards plus
-``model.safetensors.index.json`` in a temporary sibling directory that is renamed into place
-only when complete, so a failed run never leaves a directory that looks finished.
+``model.safetensors.index.json`` inside a directory from ``mbridge.io.output.atomic_dir``
+(a hidden sibling renamed into place only when complete, so a failed run never leaves a
+directory that looks finished).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mbridge.io.output import atomic_dir  # noqa: F401  (re-exported)
 from mbridge.keys import split_index
 
 INDEX = "model.safetensors.index.json"
@@ -241,29 +240,6 @@ class HFWriter:
         index = {"metadata": {"total_size": self.total_bytes},
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; on success it is renamed to ``final``,
-    on any error it is removed. An existing ``final`` is replaced only if ``overwrite``."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
