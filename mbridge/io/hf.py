@@ -243,12 +243,13 @@ class HFWriter:
 
 
 def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
-    """Copy tokenizer and generation files, when the source has them."""
+    """Copy tokenizer and generation files, when the source has them (contents only: the
+    copies get the umask's permissions, like every other output file)."""
     if src is None:
         return
     for name in SIDE_FILES:
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+            shutil.copyfile(Path(src) / name, dst / name)
 
 
 def parse_size(size: int | str) -> int:
