@@ -43,7 +43,7 @@ class AutoBridge:
         self.hf_config = hf_config
         self.weights = weights
         self.architecture = registry.architecture_of(hf_config)
-        self.spec: ModelSpec = self.architecture.from_hf_config(hf_config)
+        self.spec: ModelSpec = registry.from_hf_config(hf_config)
 
     @property
     def checkpoint(self):
@@ -113,6 +113,7 @@ class AutoBridge:
         existing ``path`` is replaced only with ``overwrite=True``, and never when it is, holds
         or lies inside the checkpoint the weights came from (``mbridge.io.output``)."""
         writer_rank = not tdist.is_initialized() or tdist.get_rank() == 0
+        shard_bytes = parse_size(shard_size)
         inputs = [self._source(), self._side_files()]
         # every rank checks (the same files), so all refuse before the collective export
         check_output(path, inputs=inputs, overwrite=overwrite)
@@ -122,7 +123,7 @@ class AutoBridge:
             tdist.barrier()
             return
         with atomic_dir(path, inputs=inputs, overwrite=overwrite) as tmp:
-            writer = HFWriter(tmp, parse_size(shard_size))
+            writer = HFWriter(tmp, shard_bytes)
             for name, tensor in self.export_hf_weights(model):
                 writer.add(name, tensor)
             writer.finish()

@@ -125,6 +125,7 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
     config.json, generation and tokenizer files), written atomically; tensors keep the
     checkpoint's dtype. ``hf_config``: a directory with config.json (and tokenizer files) for
     checkpoints that carry none (e.g. from training)."""
+    shard_bytes = parse_size(shard_size)
     check_output(hf_dir, inputs=[mcore_dir, hf_config], overwrite=overwrite)
     reader, cfg, spec, groups = open_mcore(mcore_dir, hf_config)
     counts = stacked_counts(k for g in groups for k in g.hf_keys)  # rows name[e] -> name
@@ -138,7 +139,7 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
                for k, v in restack((kv for g in groups for kv in meta_hf(g)), counts)]
     side = Path(hf_config) if hf_config is not None else resolve(mcore_dir) / HF_DIR
     with atomic_dir(hf_dir, inputs=[mcore_dir, hf_config], overwrite=overwrite) as tmp:
-        writer = HFStreamWriter(tmp, entries, parse_size(shard_size))
+        writer = HFStreamWriter(tmp, entries, shard_bytes)
         try:
             with progress_bar(progress, writer.total_bytes, "export") as bar:
                 hf = (kv for group in groups

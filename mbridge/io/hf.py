@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mbridge.io.output import atomic_dir  # noqa: F401  (re-exported)
+from mbridge.io.output import atomic_dir, writing  # noqa: F401  (atomic_dir re-exported)
 from mbridge.keys import split_index
 
 INDEX = "model.safetensors.index.json"
@@ -222,7 +222,8 @@ class HFWriter:
         if not self._pending:
             return
         tmp = f"shard-{len(self._written):05d}.tmp"
-        save_file(self._pending, str(self.dir / tmp), metadata={"format": "pt"})
+        with writing(self.dir / tmp):
+            save_file(self._pending, str(self.dir / tmp), metadata={"format": "pt"})
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -253,13 +254,19 @@ def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
-    if not m:
-        raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
-    unit = m.group(2).rstrip("B") or "B"
-    base = 1024 if unit.endswith("I") else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
-    return int(float(m.group(1)) * base**power)
+    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through; a size of
+    less than one byte is refused (a shard size of 0 would put every tensor in a shard of its
+    own)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if not m:
+            raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
+        unit = m.group(2).rstrip("B") or "B"
+        base = 1024 if unit.endswith("I") else 1000
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
+        n = int(float(m.group(1)) * base**power)
+    if n < 1:
+        raise ValueError(f"shard size {size!r} is not positive; write e.g. 5GB or 500MB")
+    return n

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from torch.distributed.checkpoint.storage import WriteResult
 
 from mbridge.io.hf import CheckpointError, copy_side_files, inside
+from mbridge.io.output import writing
 from mbridge.io.safe_load import check_pickles, read_metadata
 from mbridge.io.torch_record import Window, map_record
 from mbridge.sharding.dist_checkpoint import Region
@@ -115,7 +116,7 @@ class McoreWriter:
         crc = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
         try:
-            with open(self.dir / name, "wb") as f:
+            with writing(self.dir / name), open(self.dir / name, "wb") as f:
                 for index, value in records:
                     f.write(bytes(-f.tell() % ALIGN))
                     offset = f.tell()
@@ -141,9 +142,12 @@ class McoreWriter:
         """Write ``.metadata`` (through ``FileSystemWriter.finish``, which stamps the DCP
         version), ``metadata.json`` and ``common.pt``."""
         metadata = Metadata(state_dict_metadata={**self._tensors, **self._objects})
-        FileSystemWriter(self.dir, sync_files=False).finish(metadata, [self._results])
-        (self.dir / "metadata.json").write_text(json.dumps(BACKEND))
-        torch.save(common or {}, self.dir / "common.pt")
+        with writing(self.dir / ".metadata"):
+            FileSystemWriter(self.dir, sync_files=False).finish(metadata, [self._results])
+        with writing(self.dir / "metadata.json"):
+            (self.dir / "metadata.json").write_text(json.dumps(BACKEND))
+        with writing(self.dir / "common.pt"):
+            torch.save(common or {}, self.dir / "common.pt")
 
 
 def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:

@@ -103,6 +103,32 @@ def check_output(target: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
     return target
 
 
+def _why_write_failed(path: Path, error: Exception) -> str:
+    """What stopped a write, in words: torch.save reports a full disk or a reached file size
+    limit as a RuntimeError about stream positions, so look at the disk and the limit."""
+    import resource
+
+    with contextlib.suppress(OSError):
+        fs = os.statvfs(path.parent)
+        if fs.f_bavail * fs.f_frsize < 2**20:
+            return "the disk is full"
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"the file size limit is reached (ulimit -f: {soft} bytes)"
+    return getattr(error, "strerror", None) or str(error).splitlines()[0]
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn any failure to write ``path`` (a full disk, a file size limit, an I/O error) into
+    one OSError naming the file and the reason."""
+    path = Path(path)
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise OSError(f"cannot write {path}: {_why_write_failed(path, e)}") from None
+
+
 def _make_partial(target: Path) -> Path:
     prefix = f"{_partial_prefix(target)}{_host()}-{os.getpid()}-"
     for k in range(1000):

@@ -120,11 +120,9 @@ def test_out_dot_with_overwrite(out, models, tmp_path):
     assert tree(tmp_path) == before
 
 
-def test_partial_output_of_a_killed_run_is_removed_by_the_next(tmp_path):
+def test_partial_output_of_a_killed_run_is_removed_by_the_next(big_model, tmp_path):
     """Finding 12: SIGKILL leaves the hidden partial directory; the next run removes it."""
-    hf = tmp_path / "big"
-    make_hf("llama", hf, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-            num_attention_heads=8, num_key_value_heads=2)  # ~130 MB: takes a while to write
+    hf = big_model
     proc = subprocess.Popen([sys.executable, "-m", "mbridge", "convert", "import", "--hf",
                              str(hf), "--out", str(tmp_path / "mc"), "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,7 +137,7 @@ def test_partial_output_of_a_killed_run_is_removed_by_the_next(tmp_path):
     alive.mkdir()  # a live process's partial output (this test's) is left alone
     assert main(["convert", "import", "--hf", str(hf), "--out", str(tmp_path / "mc"),
                  "--quiet"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "big", "mc"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "mc"])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
