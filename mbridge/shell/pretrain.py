@@ -107,6 +107,7 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     check_wandb(cfg)
     resume = _resume_path(cfg)
     groups = dist.init(plan.parallel, seed=cfg.rng.seed)
+    dist.set_random_seed(cfg.rng.seed, groups)  # before the model is built: its weights
     runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
                               ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
                               micro_batch_size=cfg.train.micro_batch_size,

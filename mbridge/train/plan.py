@@ -53,6 +53,7 @@ def check_sections(cfg: RunConfig) -> None:
     _check(t.train_iters > 0, f"train.train_iters={t.train_iters} must be positive")
     _check(m.seq_length > 0, f"model.seq_length={m.seq_length} must be positive")
     _check(t.eval_iters >= 0, f"train.eval_iters={t.eval_iters} must be >= 0")
+    _check(0 <= cfg.rng.seed < 2**31, f"rng.seed={cfg.rng.seed} must be in [0, 2**31)")
     _check(cfg.logging.log_interval > 0,
            f"logging.log_interval={cfg.logging.log_interval} must be positive")
     _check(d.mock != bool(d.blend), "set data.mock=true or give data.blend (indexed dataset "
