@@ -103,6 +103,7 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = plan_run(cfg, spec, world)
     data.check_paths(cfg)
+    data.check_splits(cfg)
     check_backend(cfg)
     check_wandb(cfg)
     resume = _resume_path(cfg)

@@ -14,6 +14,7 @@ from mbridge.specs import ModelSpec, ParallelSpec, check_model_fits
 from mbridge.train import schedule as lr_schedule
 from mbridge.train.config import ConfigError, RunConfig
 from mbridge.train.sampling import num_microbatches
+from mbridge.train.split import split_shares
 from mbridge.train.step import StepConfig
 
 
@@ -70,6 +71,7 @@ def check_sections(cfg: RunConfig) -> None:
     _check(m.compiled_cross_entropy is not True or m.tensor_model_parallel_size == 1,
            "model.compiled_cross_entropy=true needs model.tensor_model_parallel_size=1 (larger "
            "TP keeps Megatron-Core's vocab-parallel cross entropy)")
+    split_shares(d.split)
     lr_schedule.from_config(cfg)
 
 
