@@ -107,6 +107,7 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     check_backend(cfg)
     check_wandb(cfg)
     resume = _resume_path(cfg)
+    checkpoint.check_save_target(cfg.checkpoint.save, resume)
     groups = dist.init(plan.parallel, seed=cfg.rng.seed)
     dist.set_random_seed(cfg.rng.seed, groups)  # before the model is built: its weights
     runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
