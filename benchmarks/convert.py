@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true",
                         help="time import into / export from a live model on one GPU instead")
     parser.add_argument("--json", type=Path, default=None, help="--gpu: also write results here")
+    parser.add_argument("--profile-import", action="store_true",
+                        help="--gpu: also print where mbridge's import spends its time (cProfile)")
     parser.add_argument("--phase", nargs=3, metavar=("NAME", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -243,11 +245,21 @@ def gpu_run(args) -> None:
     del hf
     shutil.rmtree(work / "hf_out")
     torch.cuda.empty_cache()
+    import cProfile
+
+    prof = cProfile.Profile() if args.profile_import else None
     with timed("mbridge_import"):
+        prof and prof.enable()
         bridge = AutoBridge.from_hf_pretrained(src)
         provider = bridge.to_megatron_provider()
         provider.params_dtype = "bfloat16"
         model = provider.finalize().provide_distributed_model()
+        torch.cuda.synchronize()
+        prof and prof.disable()
+    if prof:
+        import pstats
+
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
     with timed("mbridge_stream"):
         n = sum(t.numel() for _, t in bridge.export_hf_weights(model, cpu=False))
     with timed("mbridge_export"):

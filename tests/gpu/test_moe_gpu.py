@@ -1,5 +1,5 @@
 """MoE on a CUDA GPU without Transformer Engine (skipped without CUDA; run on the lent GPU
-machine: ``python -m pytest -q tests/gpu``). Tiny Qwen3-MoE and DeepSeek-V3 models of
+machine: ``python -m pytest -q tests/gpu``). The tiny models of every MoE architecture in
 tests/moe/moe_models.py: fp32 logits within 1e-4 max abs of transformers on the CPU (GPU and
 CPU float32 kernels sum in different orders; a misrouted token moves logits by 1e-2 or more),
 the bf16 grouped-GEMM experts against SequentialMLP within 1% of the output's largest
@@ -16,7 +16,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 sys.path.insert(0, str(Path(__file__).parents[1] / "moe"))
 
-NAMES = ["qwen3_moe", "deepseek_v3"]
+NAMES = ["deepseek_v3", "gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module")
