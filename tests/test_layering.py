@@ -25,7 +25,7 @@ TIERS = [
     ("train",),
     ("io",),
     ("shell",),
-    ("__init__", "bridge", "offline", "verify", "testing", "training"),
+    ("__init__", "bridge", "offline", "verify", "testing", "training", "peft"),
     ("cli", "offline_cli", "data_cli", "demo", "__main__", "train.__main__"),
 ]
 PURE_TIERS = 7  # keys .. train
