@@ -98,6 +98,8 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
                 with torch.no_grad():
                     param.copy_(local[key])
                 written.add((chunk, name))
+        del hf, local
+        ckpt.close()  # drop the mmaps: the pages read stop counting against this process
     _check_all_loaded(params, written, ckpt)
 
 
