@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -217,10 +218,26 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
         site = SiteAdapter(a, adapter, spec, parts, module.tp_group)
         _mark_tensor_parallel(site, lay)
         module.adapter = site
+        module.sharded_state_dict = partial(_sharded_state_dict, module)
         if adapter.scheme == "dora":
             _init_magnitude(site, module.weight)
         module.register_forward_hook(_forward_hook)
     return chunks
+
+
+def _sharded_state_dict(module, prefix="", sharded_offsets=(), metadata=None):
+    """The linear's ``sharded_state_dict`` (``tensor_parallel/layers.py``) with its adapter's
+    split tensors split on their axis too (the linear's own treats every tensor but its
+    weight and bias as replicated)."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    row = module.adapter.adapted.site.parallel == "row"
+    axes = {"weight": 1} if row else {"weight": 0, "bias": 0}
+    axes.update({f"adapter.{n}": p.partition_dim for n, p in module.adapter.named_parameters()
+                 if getattr(p, "tensor_model_parallel", False)})
+    return make_sharded_tensors_for_checkpoint(
+        module.state_dict(prefix="", keep_vars=True), prefix, axes, sharded_offsets,
+        tp_group=module.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
 
 
 def _mark_tensor_parallel(site: SiteAdapter, lay) -> None:
