@@ -26,7 +26,7 @@ TIERS = [
     ("io",),
     ("shell",),
     ("__init__", "bridge", "offline", "verify", "testing", "training", "peft"),
-    ("cli", "offline_cli", "data_cli", "demo", "__main__", "train.__main__"),
+    ("cli", "offline_cli", "data_cli", "peft_cli", "demo", "__main__", "train.__main__"),
 ]
 PURE_TIERS = 7  # keys .. train
 FORBIDDEN = ("torch.distributed", "megatron", "transformers", "mbridge.shell", "mbridge.io",

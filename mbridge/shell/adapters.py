@@ -235,9 +235,19 @@ def _sharded_state_dict(module, prefix="", sharded_offsets=(), metadata=None):
     axes = {"weight": 1} if row else {"weight": 0, "bias": 0}
     axes.update({f"adapter.{n}": p.partition_dim for n, p in module.adapter.named_parameters()
                  if getattr(p, "tensor_model_parallel", False)})
-    return make_sharded_tensors_for_checkpoint(
+    out = make_sharded_tensors_for_checkpoint(
         module.state_dict(prefix="", keep_vars=True), prefix, axes, sharded_offsets,
         tp_group=module.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+    # a fused [gate; up] adapter output holds [gate_r; up_r] per rank, as linear_fc1's weight:
+    # the same factory as MLP.sharded_state_dict's, so it loads at another TP
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    singleton = (metadata or {}).get("singleton_local_shards", False)
+    for n, p in module.adapter.named_parameters():
+        if getattr(p, "partition_stride", 1) == 2:
+            key = f"{prefix}adapter.{n}"
+            out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets, singleton)
+    return out
 
 
 def _mark_tensor_parallel(site: SiteAdapter, lay) -> None:

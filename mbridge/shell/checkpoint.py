@@ -227,3 +227,23 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True,
     if rng:
         _set_rng_state(loaded["rng_state"])
     return msgspec.convert(loaded["progress"], Progress)
+
+
+def load_adapters(path: Path, chunks: list) -> None:
+    """Load the LoRA/DoRA tensors of a training checkpoint ``path`` into ``chunks``, which
+    hold the same adapters at any layout (the checkpoint's global shapes reshard)."""
+    from megatron.core import dist_checkpointing
+
+    modules = unwrap(chunks)
+    state = {f"model{v}": {n: t for n, t in m.sharded_state_dict().items() if ADAPTER in n}
+             for v, m in enumerate(modules)}
+    try:
+        with cuda_as_cpu():
+            loaded = dist_checkpointing.load(state, str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read the adapters of {path}: {type(e).__name__}: "
+                              f"{e}") from None
+    for v, m in enumerate(modules):
+        _, unexpected = m.load_state_dict(loaded[f"model{v}"], strict=False)
+        if unexpected:
+            raise CheckpointError(f"{path} holds adapters this model lacks: {unexpected[:3]}")

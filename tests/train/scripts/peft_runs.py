@@ -3,7 +3,9 @@ fine-tuning runs of the tiny Llama (train_runs.py's base config plus a ``peft`` 
 each reporting its per-step losses, whether the base weights are still bit-identical to the
 HF checkpoint, what the optimizer holds, and a digest of the adapters.
 
-usage: peft_runs.py WORK_DIR HF_DIR RUN [RUN ...]   (RUN as in train_runs.py)
+usage: peft_runs.py WORK_DIR HF_DIR RUN [RUN ...]   (RUN as in train_runs.py; a run named
+"*-export" also writes its adapters to WORK_DIR/online-NAME and the merged model to
+WORK_DIR/merged-NAME, for the test to compare with ``mbridge peft export/merge``)
 """
 
 import hashlib
@@ -57,6 +59,10 @@ def main() -> None:
                             if ".adapter." in n)
         b_nonzero = all(p.abs().sum() > 0 for c in chunks for n, p in c.named_parameters()
                         if "linear_out" in n)
+        if name.endswith("-export"):  # the live model's adapters and merged weights
+            bridge.save_hf_adapter(state.model, work / f"online-{name}")
+            bridge.save_hf_pretrained(state.model, work / f"merged-{name}",
+                                      merge_adapters=True)
         report(run=name, losses=losses, step=state.step, base_exact=base_exact,
                only_adapters=bool(trainable) and all(".adapter." in n for n in trainable),
                optimizer_numel=held, adapter_numel=adapter_numel, b_nonzero=b_nonzero,
