@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from mbridge import config as mconfig
 from mbridge import peft
 from mbridge.architectures import registry
-from mbridge.io.hf import HFWriter, atomic_dir, copy_side_files, parse_size
+from mbridge.io.hf import HFWriter, copy_side_files, parse_size
+from mbridge.io.output import atomic_dir, check_output
 from mbridge.sharding.plan import stage_layer_counts
 from mbridge.shell import adapters as shell_adapters
 from mbridge.shell import convert, dist
@@ -46,7 +47,7 @@ class AutoBridge:
         self.hf_config = hf_config
         self.weights = weights
         self.architecture = registry.architecture_of(hf_config)
-        self.spec: ModelSpec = self.architecture.from_hf_config(hf_config)
+        self.spec: ModelSpec = registry.from_hf_config(hf_config)
 
     @property
     def checkpoint(self):
@@ -110,10 +111,12 @@ class AutoBridge:
             yield name, tensor.cpu() if cpu else tensor
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *,
-                           shard_size: int | str = "5GB", overwrite: bool = True,
+                           shard_size: int | str = "5GB", overwrite: bool = False,
                            merge_adapters: bool = False) -> None:
         """Write config.json, sharded safetensors with index, and the source's tokenizer and
-        generation files. Every rank must call it; global rank 0 writes, atomically.
+        generation files. Every rank must call it; global rank 0 writes, atomically. An
+        existing ``path`` is replaced only with ``overwrite=True``, and never when it is, holds
+        or lies inside the checkpoint the weights came from (``mbridge.io.output``).
         ``merge_adapters``: write the weights with the model's LoRA/DoRA adapters merged in
         (the live model keeps its weights and adapters)."""
         if merge_adapters:
@@ -121,13 +124,17 @@ class AutoBridge:
                 return self.save_hf_pretrained(model, path, shard_size=shard_size,
                                                overwrite=overwrite)
         writer_rank = not tdist.is_initialized() or tdist.get_rank() == 0
+        shard_bytes = parse_size(shard_size)
+        inputs = [self._source(), self._side_files()]
+        # every rank checks (the same files), so all refuse before the collective export
+        check_output(path, inputs=inputs, overwrite=overwrite)
         if not writer_rank:
             for _ in self.export_hf_weights(model):
                 pass
             tdist.barrier()
             return
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            writer = HFWriter(tmp, parse_size(shard_size))
+        with atomic_dir(path, inputs=inputs, overwrite=overwrite) as tmp:
+            writer = HFWriter(tmp, shard_bytes)
             for name, tensor in self.export_hf_weights(model):
                 writer.add(name, tensor)
             writer.finish()
@@ -137,10 +144,13 @@ class AutoBridge:
             tdist.barrier()
 
     def save_hf_adapter(self, model: list, path: str | os.PathLike, *,
-                        overwrite: bool = True) -> None:
+                        overwrite: bool = False) -> None:
         """Write the model's adapters as Hugging Face peft does (``adapter_config.json`` and
         ``adapter_model.safetensors``, DoRA magnitudes included), gathered from any layout.
-        Every rank must call it; global rank 0 writes, atomically."""
+        Every rank must call it; global rank 0 writes, atomically (an existing ``path`` is
+        replaced only with ``overwrite=True``)."""
+        inputs = [self._source(), self._side_files()]
+        check_output(path, inputs=inputs, overwrite=overwrite)
         adapter = shell_adapters.spec_of(model)
         if adapter is None:
             raise ValueError("the model has no adapters; provide it with pre_wrap_hook=LoRA(...) "
@@ -148,7 +158,7 @@ class AutoBridge:
         tensors = {k: v.cpu() for k, v in shell_adapters.iter_adapter(model, adapter, self.spec)}
         if not tdist.is_initialized() or tdist.get_rank() == 0:
             base = str(self.checkpoint.path) if self.checkpoint is not None else None
-            with atomic_dir(path, overwrite=overwrite) as tmp:
+            with atomic_dir(path, inputs=inputs, overwrite=overwrite) as tmp:
                 save_file(tensors, tmp / peft.WEIGHTS, metadata={"format": "pt"})
                 (tmp / peft.CONFIG).write_text(
                     json.dumps(peft.peft_config(adapter, self.spec, base), indent=2) + "\n")
@@ -178,6 +188,14 @@ class AutoBridge:
                              f"alpha={wanted.alpha}; provide the model with matching adapters")
         shell_adapters.load_adapter(model, tree, have, self.spec)
         return model
+
+    def _source(self):
+        """The checkpoint directory the weights came from, or None."""
+        if isinstance(self.weights, HFWeights):
+            return self.weights.checkpoint.path
+        if isinstance(self.weights, McoreWeights):
+            return self.weights.path
+        return None
 
     def _side_files(self):
         if isinstance(self.weights, HFWeights):
