@@ -54,15 +54,22 @@ from mbridge.specs import ModelSpec
 Tree = dict[str, torch.Tensor]
 
 
+class _Weight(torch.nn.Module):
+    """A bias-free linear's weight (applied with ``F.linear``); built from a tensor, so no
+    random init draws from the global generator."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+
 class Part(torch.nn.Module):
     """One adapter's tensors: ``linear_in`` (A), ``linear_out`` (B), DoRA's ``magnitude``."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         super().__init__()
-        self.linear_in = torch.nn.Linear(1, 1, bias=False)
-        self.linear_out = torch.nn.Linear(1, 1, bias=False)
-        self.linear_in.weight = torch.nn.Parameter(tensors["linear_in.weight"])
-        self.linear_out.weight = torch.nn.Parameter(tensors["linear_out.weight"])
+        self.linear_in = _Weight(tensors["linear_in.weight"])
+        self.linear_out = _Weight(tensors["linear_out.weight"])
         if "magnitude" in tensors:
             self.magnitude = torch.nn.Parameter(tensors["magnitude"])
 
@@ -78,11 +85,12 @@ class SiteAdapter(torch.nn.Module):
         self.split, self.fuse = split_fn(adapted.site, model), fuse_fn(adapted.site, model)
         self.enabled = True
         self.dropout = torch.nn.Dropout(spec.dropout)
-        if None in parts:
-            for name, t in Part(parts[None]).named_children():
-                self.add_module(name, t)
-            if "magnitude" in parts[None]:
-                self.magnitude = torch.nn.Parameter(parts[None]["magnitude"])
+        if None in parts:  # one adapter over the linear: its tensors sit here
+            tensors = parts[None]
+            self.linear_in = _Weight(tensors["linear_in.weight"])
+            self.linear_out = _Weight(tensors["linear_out.weight"])
+            if "magnitude" in tensors:
+                self.magnitude = torch.nn.Parameter(tensors["magnitude"])
         else:
             for name, tensors in parts.items():
                 self.add_module(name, Part(tensors))

@@ -125,7 +125,10 @@ def _tensor_numel(path: Path) -> tuple[int, int]:
 
 
 def _mbridge(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # a fresh one-rank world: not the one an in-process test of this session started
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "mbridge", *args], capture_output=True,
                           text=True, env=env, timeout=600)
 
