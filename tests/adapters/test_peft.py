@@ -2,7 +2,8 @@
 
 - fp32 logits within 1e-5 (max abs) of ``peft.PeftModel`` with the exported adapter, for
   LoRA, DoRA and the per-projection variant on a subset of parts with an excluded layer,
-  at TP=1 (in process), TP=2 and PP=2 (one torchrun launch of two ranks), Llama and Qwen3;
+  at TP=1 (in process), TP=2, PP=2 and PP=2 x VPP=2 (one torchrun launch of two ranks),
+  Llama and Qwen3;
   every layout draws the same initial adapter;
 - an adapter made by peft (``init_lora_weights=False``, LoRA and DoRA) loads at TP=2, gives
   peft's logits and re-exports bit for bit;
@@ -130,7 +131,8 @@ def two_ranks(cases, tmp_path_factory):
     root = tmp_path_factory.mktemp("peft2")
     # every hook at both layouts on Llama; Qwen3 (q/k norms, head_dim 24) once each
     runs = [("llama", hook, layout) for hook in sorted(HOOKS) for layout in ("tp=2", "pp=2")]
-    runs += [("qwen3", "dora", "tp=2"), ("qwen3", "canonical", "pp=2")]
+    runs += [("qwen3", "dora", "tp=2"), ("qwen3", "canonical", "pp=2"),
+             ("llama", "dora", "pp=2,vpp=2")]
     manifest = [dict(cases[name, hook], hook=hook, layout=layout) for name, hook, layout in runs]
     manifest += [dict(cases[name, f"peft-{dora}"], layout="tp=2",
                       tag=f"{name}-peft-{'dora' if dora else 'lora'}-tp2")

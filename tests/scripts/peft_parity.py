@@ -23,7 +23,8 @@ from peft_cases import HOOKS, same_files
 from mbridge import AutoBridge
 from mbridge.shell import adapters, forward
 
-NAMES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size"}
+NAMES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
+         "vpp": "virtual_pipeline_model_parallel_size"}
 
 
 def check(case: dict, out: Path) -> dict:
@@ -45,7 +46,8 @@ def check(case: dict, out: Path) -> dict:
     def diff(a, b):
         return (a - b).abs().max().item()
 
-    tag = case.get("tag") or f"{base.name}-{case['hook']}-{case['layout'].replace('=', '')}"
+    layout = case["layout"].replace("=", "").replace(",", "_")
+    tag = case.get("tag") or f"{base.name}-{case['hook']}-{layout}"
     result = dict(case=tag)
     if hook is not None:
         result["fresh"] = diff(logits(), peft_logits(base, Path(case["fresh"]), ids))
