@@ -60,3 +60,24 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_foreach_grad_norm_equals_megatron_fallback():
+    """Item 9: the same norm as Megatron-Core's per-parameter fallback, through the clipping
+    entry point Megatron-Core's optimizer calls."""
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+
+    cpu_shim.bridge_missing_te()
+    assert clip_grads.l2_norm_impl is cpu_shim.foreach_l2_norm
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(*s, generator=g) * 3 for s in [(7, 5), (1,), (64,), (3, 4, 5)]]
+    got, _ = cpu_shim.foreach_l2_norm(0, None, [grads], False)
+    with cpu_shim.cuda_as_cpu():  # it allocates its result on a literal "cuda"
+        ref, _ = mutils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    want = torch.cat([t.flatten() for t in grads]).norm()
+    assert got.shape == (1,) and got.dtype == torch.float32
+    assert torch.allclose(got, ref.to(got.device), rtol=1e-6)
+    assert torch.allclose(got[0], want, rtol=1e-6)
+    empty, _ = cpu_shim.foreach_l2_norm(0, None, [[]], False)
+    assert empty.item() == 0.0

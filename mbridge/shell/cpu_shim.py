@@ -36,6 +36,12 @@ where Megatron-Core 0.16's router fails its first forward with ``NameError: name
    mock), so ``isinstance(self.linear_proj, TELinear)`` raises; it is set to False.
    (MoE's all-to-all dispatcher needs CUDA streams: without CUDA the shell picks the
    all-gather dispatcher instead, shell/model.py.)
+9. Without Apex or TE, gradient clipping (``optimizer/clip_grads.py``) takes
+   ``local_multi_tensor_l2_norm``, whose ``torch.tensor(list of 0-d norms)`` copies each
+   parameter's norm to the host: one device sync per parameter (over 1,000 a step at 4 MoE
+   layers of 128 experts). ``bridge_missing_te`` replaces it there with
+   ``foreach_l2_norm``: the same per-tensor norms from ``torch._foreach_norm``, reduced on
+   the device.
 """
 
 from __future__ import annotations
@@ -112,6 +118,22 @@ def bridge_missing_te() -> None:
         init(self, config, *args, **kwargs)
 
     dpa.DotProductAttention.__init__ = accept_mla_channels
+    from megatron.core import utils as mutils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is mutils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for ``local_multi_tensor_l2_norm`` (item 9): ``([norm], None)``, the float32
+    L2 norm over every tensor of ``tensor_lists``, with no host sync."""
+    tensors = [t for group in tensor_lists for t in group]
+    if not tensors:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.zeros(1, dtype=torch.float, device=device), None
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
 
 def _patch_tracker_add(mrandom) -> None:
