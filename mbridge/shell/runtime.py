@@ -51,7 +51,7 @@ class MegatronRuntime:
 
     def __init__(self, spec: ModelSpec, plan: RunPlan, groups: Groups, *, model: ModelConfig,
                  optimizer: OptimizerConfig, ddp: ParallelConfig, mixed_precision: str,
-                 micro_batch_size: int, weights=None):
+                 micro_batch_size: int, weights=None, forward_step=None):
         """Build the model on ``groups`` at ``plan.parallel`` (weights loaded from ``weights``,
         a ``shell.weights`` source, or random init) and its optimizer. Takes the run config's
         ``model``, ``optimizer`` and ``parallel`` (DDP) sections, ``mixed_precision`` and
@@ -59,6 +59,7 @@ class MegatronRuntime:
         self.spec, self.plan, self.groups = spec, plan, groups
         self.model_cfg, self.optim_cfg, self.ddp_cfg = model, optimizer, ddp
         self.micro_batch_size = micro_batch_size
+        self.forward_step = forward_step or self._forward_step  # Megatron-Core's contract
         m = model
         dtype = DTYPES[mixed_precision]
         extra = dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
@@ -207,7 +208,7 @@ class MegatronRuntime:
         iterators = [iter(batch) for _ in self.model]
         with cuda_as_cpu():
             outputs = get_forward_backward_func()(
-                forward_step_func=self._forward_step,
+                forward_step_func=self.forward_step,
                 data_iterator=iterators if len(self.model) > 1 else iterators[0],
                 model=self.model if len(self.model) > 1 else self.model[0],
                 num_microbatches=len(batch), seq_length=self.model_cfg.seq_length,

@@ -1,6 +1,8 @@
 """Torchrun entry: train from a recipe or a YAML/JSON run config, with dotted overrides.
 
     torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llama_pretrain
+    torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llama_finetune \
+        checkpoint.pretrained_checkpoint=HF_DIR data.dataset_root=DATA_DIR
     torchrun --nproc-per-node 8 -m mbridge.train --config run.yaml train.train_iters=100
     python -m mbridge.train --recipe tiny_llama_pretrain --print-config   # show, do not train
 
@@ -70,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        from mbridge.shell.pretrain import pretrain
+        from mbridge.shell.pretrain import finetune, pretrain
 
-        pretrain(cfg)
+        (finetune if cfg.checkpoint.pretrained_checkpoint is not None else pretrain)(cfg)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

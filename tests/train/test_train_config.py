@@ -68,7 +68,7 @@ def test_recipes_plan(name, world):
     (["model.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible"),
     (["model.pipeline_model_parallel_size=2", "model.virtual_pipeline_model_parallel_size=2",
       "train.global_batch_size=2"], 2, "at least pipeline_model_parallel_size"),
-    (["data.blend=[x]"], 1, "data.mock=true or give data.blend"),
+    (["data.blend=[x]"], 1, "set one of data.mock=true, data.blend"),
     (["model.hf_path=/x"], 1, "exactly one of model.hf_path"),
     (["checkpoint.save_interval=5"], 1, "needs checkpoint.save"),
     (["model.sequence_parallel=true"], 1, "sequence_parallel needs"),
