@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                              "at TP=2 on CPU, check logits and tensors, print a report"),
     "convert": ("mbridge.offline_cli", "offline HF <-> Megatron-Core dist checkpoint conversion"),
     "data": ("mbridge.data_cli", "training data: `data preprocess` JSONL -> indexed dataset"),
+    "generate": ("mbridge.generate_cli", "greedy continuation of prompts by the Megatron-Core "
+                                         "model at any TP/PP (a checkpoint check)"),
 }
 
 

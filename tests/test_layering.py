@@ -24,8 +24,8 @@ TIERS = [
     ("train",),
     ("io",),
     ("shell",),
-    ("__init__", "bridge", "offline", "verify", "testing", "training"),
-    ("cli", "offline_cli", "data_cli", "demo", "__main__", "train.__main__"),
+    ("__init__", "bridge", "offline", "verify", "testing", "training", "generation"),
+    ("cli", "offline_cli", "data_cli", "generate_cli", "demo", "__main__", "train.__main__"),
 ]
 PURE_TIERS = 6  # keys .. train
 FORBIDDEN = ("torch.distributed", "megatron", "transformers", "mbridge.shell", "mbridge.io",
