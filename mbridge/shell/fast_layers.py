@@ -22,12 +22,39 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if self.config.softmax_type != "vanilla" or packed_seq_params is not None:
+        if self.config.softmax_type != "vanilla":
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
         sq, sk = q.shape[2], k.shape[2]
         mask, causal = self._mask(attention_mask, sq, sk, q.device)
+        return self._attend(q, k, v, mask, causal)
+
+    def _packed(self, query, key, value, packed):
+        """Packed documents (Megatron-Core's ``thd`` layout: ``[t, np, hn]`` q and
+        ``[t, ng, hn]`` k/v, boundaries in ``packed.cu_seqlens_q``): causal attention inside
+        each document through a block-diagonal mask, ``[t, np * hn]`` out. Megatron-Core's
+        local attention refuses packed input; TE's has a kernel, this is the CPU path."""
+        if packed.qkv_format != "thd":
+            raise ValueError(f"packed sequences in {packed.qkv_format!r} layout; only 'thd'")
+        t = query.shape[0]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        bounds = packed.cu_seqlens_q.to(query.device).long()
+        doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=query.device),
+                                      bounds[1:] - bounds[:-1])
+        qi = torch.arange(t, device=query.device)
+        mask = (doc[:, None] == doc[None, :]) & (qi[None, :] <= qi[:, None])
+        window = self.scale_mask_softmax.window_size
+        if window is not None:
+            mask &= qi[None, :] >= qi[:, None] - window[0]
+        out = self._attend(q, k, v, mask, False)  # [t, 1, np * hn]
+        return out.reshape(t, self.hidden_size_per_partition)
+
+    def _attend(self, q, k, v, mask, causal):
+        """SDPA over ``[b, heads, s, hn]``; ``[sq, b, np * hn]`` out."""
+        sq = q.shape[2]
         dropout = self.attention_dropout.p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout and \
                 not self.config.sequence_parallel else _null():

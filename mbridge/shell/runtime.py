@@ -20,6 +20,7 @@ import torch.distributed as tdist
 
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.dist import Groups
+from mbridge.shell.forward import packed_seq_params
 from mbridge.shell.model import provide
 from mbridge.specs import ModelSpec
 from mbridge.train.config import ModelConfig, OptimizerConfig, ParallelConfig
@@ -197,7 +198,11 @@ class MegatronRuntime:
             from megatron.core.utils import get_batch_on_this_cp_rank
 
             mb = get_batch_on_this_cp_rank(dict(mb))
-        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+        extra = {}
+        if "cu_seqlens" in mb:  # packed documents: attention and rope stay inside each
+            extra["packed_seq_params"] = packed_seq_params(mb["cu_seqlens"],
+                                                           self.groups.collection.cp)
+        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], **extra)
         return output, partial(_loss_func, mb["loss_mask"])
 
     def _run(self, batch, *, forward_only: bool) -> LossSum:

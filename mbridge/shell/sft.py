@@ -13,13 +13,16 @@ file as you want it read), so a resumed run reads what an uninterrupted one read
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
-from mbridge.train import sft
+from mbridge.train import packing, sft
 from mbridge.train.config import ConfigError
+from mbridge.train.packing import PackedSample
 from mbridge.train.sft import SFTDataError, SFTSpec, SFTStats, TemplateError
 
 
@@ -141,8 +144,84 @@ class SFTDataset:
                 for k, v in fill.items()}
 
 
+class PackedDataset:
+    """Packed rows (``mbridge data pack`` or ``data.sft.pack``): ``dataset[i]`` is one row
+    padded to ``seq_length`` with its ``cu_seqlens`` (documents, then the pad segment) and
+    positions restarting in every document; ``collate`` takes one row (micro-batch size 1:
+    a row already holds several documents)."""
+
+    def __init__(self, rows: list[PackedSample], *, pad_id: int, seq_length: int):
+        self.rows, self.pad_id, self.seq_length = rows, pad_id, seq_length
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        r, n = self.rows[i], self.seq_length
+        return {"tokens": sft.pad(r.tokens, n, self.pad_id),
+                "labels": sft.pad(r.labels, n, self.pad_id),
+                "loss_mask": sft.pad(r.loss_mask, n, 0),
+                "position_ids": packing.positions(r.seq_lengths, n),
+                "cu_seqlens": packing.cu_seqlens(r.seq_lengths, n)}
+
+    def collate(self, items) -> dict[str, torch.Tensor]:
+        (item,) = items
+        out = {k: torch.tensor([item[k]], dtype=torch.long) for k in
+               ("tokens", "labels", "loss_mask", "position_ids")}
+        out["cu_seqlens"] = torch.tensor(item["cu_seqlens"], dtype=torch.int32)
+        return out
+
+
+def pack_samples(samples, seq_length: int) -> list[PackedSample]:
+    """First-fit rows of at most ``seq_length`` inputs from (tokens, mask) samples."""
+    docs = [sft.shift(tokens, mask) for tokens, mask in samples]
+    return packing.pack(docs, packing.first_fit([len(d[0]) for d in docs], seq_length))
+
+
+def write_packed(path: Path, rows: list[PackedSample]) -> None:
+    """One JSON row a line, written under a temporary name and renamed into place."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(msgspec.json.encode(r).decode() + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_packed(path: Path) -> list[PackedSample]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rows.append(msgspec.json.decode(line, type=PackedSample))
+            except msgspec.ValidationError as e:
+                raise ConfigError(f"{path}:{n}: not a packed row ({e}); write packed files "
+                                  "with `mbridge data pack`") from None
+            if not (len(rows[-1].tokens) == len(rows[-1].labels) == len(rows[-1].loss_mask)
+                    == sum(rows[-1].seq_lengths)):
+                raise ConfigError(f"{path}:{n}: tokens, labels, loss_mask and seq_lengths "
+                                  "disagree in length")
+    return rows
+
+
+def _packed_split(path: Path, cfg, pad_id: int, context) -> PackedDataset:
+    rows = read_packed(path)
+    longest = max((len(r.tokens) for r in rows), default=0)
+    if longest > cfg.model.seq_length:
+        raise ConfigError(f"{path}: a packed row holds {longest} tokens, more than "
+                          f"model.seq_length={cfg.model.seq_length}; pack again with "
+                          "--seq-length or raise model.seq_length")
+    context.note(f"{path.name}: {len(rows)} packed rows of "
+                 f"{sum(len(r.seq_lengths) for r in rows)} documents")
+    return PackedDataset(rows, pad_id=pad_id, seq_length=cfg.model.seq_length)
+
+
 def build_datasets(context):
-    """The default provider for ``data.dataset_root``: (train, valid or None, test or None)."""
+    """The default provider for ``data.dataset_root``: (train, valid or None, test or None).
+    A split is read from ``{split}.packed.jsonl`` (packed rows) when present, else from
+    ``{split}.jsonl`` (records; packed at load with ``data.sft.pack``)."""
     cfg = context.config
     spec, root = cfg.data.sft, Path(cfg.data.dataset_root)
     tok = load_tokenizer(context.tokenizer_dir)
@@ -150,7 +229,10 @@ def build_datasets(context):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out = []
     for split in sft.SPLITS:
-        path = root / f"{split}.jsonl"
+        packed, path = root / f"{split}.packed.jsonl", root / f"{split}.jsonl"
+        if packed.is_file():
+            out.append(_packed_split(packed, cfg, pad_id, context))
+            continue
         if not path.is_file():
             out.append(None)
             continue
@@ -158,19 +240,29 @@ def build_datasets(context):
         context.note(f"{path.name}: {stats.describe()}")
         if not samples:
             raise ConfigError(f"{path}: no usable sample ({stats.describe()})")
-        out.append(SFTDataset(samples, pad_id=pad_id, seq_length=cfg.model.seq_length,
-                              multiple=spec.pad_to_multiple_of))
+        if spec.pack:
+            rows = pack_samples(samples, cfg.model.seq_length)
+            context.note(f"{path.name}: packed into {len(rows)} rows")
+            out.append(PackedDataset(rows, pad_id=pad_id, seq_length=cfg.model.seq_length))
+        else:
+            out.append(SFTDataset(samples, pad_id=pad_id, seq_length=cfg.model.seq_length,
+                                  multiple=spec.pad_to_multiple_of))
+    if isinstance(out[0], PackedDataset) and cfg.train.micro_batch_size != 1:
+        raise ConfigError(f"packed rows need train.micro_batch_size=1 (got "
+                          f"{cfg.train.micro_batch_size}): a row already holds several "
+                          "documents; raise model.seq_length to put more in one")
     return tuple(out)
 
 
 def check_root(cfg) -> None:
-    """``data.dataset_root`` holds training.jsonl; ConfigError otherwise."""
+    """``data.dataset_root`` holds training.jsonl (or training.packed.jsonl)."""
     root = Path(cfg.data.dataset_root)
-    if not (root / "training.jsonl").is_file():
+    if not any((root / f"training{s}.jsonl").is_file() for s in ("", ".packed")):
         raise ConfigError(f"data.dataset_root={root}: no training.jsonl there (an SFT dataset "
                           "root holds training.jsonl and optionally validation.jsonl and "
-                          "test.jsonl, one JSON record a line; see docs/finetuning.md)")
+                          "test.jsonl, one JSON record a line, or their .packed.jsonl from "
+                          "`mbridge data pack`; see docs/finetuning.md)")
 
 
-__all__ = ["SFTDataset", "build_datasets", "check_root", "encode", "load_tokenizer",
-           "read_split"]
+__all__ = ["PackedDataset", "SFTDataset", "build_datasets", "check_root", "encode",
+           "load_tokenizer", "pack_samples", "read_packed", "read_split", "write_packed"]

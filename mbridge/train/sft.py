@@ -63,6 +63,7 @@ class SFTSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pad_to_multiple_of: int | None = None  # None: pad every sample to model.seq_length
     min_length: int = 2  # tokens; shorter samples are dropped (and counted)
     max_length: int | None = None  # model inputs; None: model.seq_length
+    pack: bool = False  # first-fit pack the samples into rows of model.seq_length at load
 
     def __post_init__(self):
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
