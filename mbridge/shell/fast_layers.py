@@ -44,12 +44,13 @@ class SDPAttention(DotProductAttention):
         bounds = packed.cu_seqlens_q.to(query.device).long()
         doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=query.device),
                                       bounds[1:] - bounds[:-1])
-        qi = torch.arange(t, device=query.device)
-        mask = (doc[:, None] == doc[None, :]) & (qi[None, :] <= qi[:, None])
         window = self.scale_mask_softmax.window_size
-        if window is not None:
-            mask &= qi[None, :] >= qi[:, None] - window[0]
-        out = self._attend(q, k, v, mask, False)  # [t, 1, np * hn]
+        left = None if window is None else window[0]
+        if packed_kernel(query) == "flex":
+            out = flex_document_attention(q, k, v, doc, scale=self.softmax_scale, left=left,
+                                          compiled=query.is_cuda)
+            return out.squeeze(0).permute(1, 0, 2).reshape(t, self.hidden_size_per_partition)
+        out = self._attend(q, k, v, document_mask(doc, left), False)  # [t, 1, np * hn]
         return out.reshape(t, self.hidden_size_per_partition)
 
     def _attend(self, q, k, v, mask, causal):
@@ -73,6 +74,48 @@ class SDPAttention(DotProductAttention):
         if attention_mask is not None:
             return ~attention_mask, False
         return None, sq > 1
+
+
+PACKED_KERNEL = "auto"  # packed documents: "auto" (flex on CUDA, else sdpa), "flex", "sdpa"
+
+
+def packed_kernel(x: torch.Tensor) -> str:
+    if PACKED_KERNEL == "auto":
+        return "flex" if x.is_cuda else "sdpa"
+    return PACKED_KERNEL
+
+
+def document_mask(doc: torch.Tensor, left: int | None = None) -> torch.Tensor:
+    """``[t, t]`` bool, True = attend: causal inside each document (``doc[i]`` is token i's
+    document), within ``left`` tokens back when given (sliding window)."""
+    qi = torch.arange(doc.shape[0], device=doc.device)
+    mask = (doc[:, None] == doc[None, :]) & (qi[None, :] <= qi[:, None])
+    if left is not None:
+        mask &= qi[None, :] >= qi[:, None] - left
+    return mask
+
+
+_compiled_flex = None
+
+
+def flex_document_attention(q, k, v, doc, *, scale, left=None, compiled=True):
+    """The same attention as ``document_mask`` through FlexAttention's block-sparse document
+    mask: ``[1, heads, t, hn]`` in and out, only the blocks inside documents computed (the
+    dense mask computes all ``t * t``). Compiled on CUDA (eager FlexAttention is a slow
+    reference)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, qi, ki):
+        keep = (doc[qi] == doc[ki]) & (ki <= qi)
+        return keep if left is None else keep & (ki >= qi - left)
+
+    t = q.shape[2]
+    block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=q.device)
+    if compiled and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    fn = _compiled_flex if compiled else flex_attention
+    return fn(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class _null:

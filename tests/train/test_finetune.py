@@ -9,6 +9,8 @@ SFT JSONL (prompt/completion and chat records mixed) written here:
 - resume is exact: 10 steps straight == 5 + checkpoint + a new launch resuming for 5, bit for
   bit in losses and final weights;
 - a validation loss is reported at the eval interval and falls;
+- packed rows (``data.sft.pack`` or ``mbridge data pack`` files) train alike at TP=1, TP=2
+  and PP=2;
 - bad SFT input stops the run before training with exit code 2 and a message naming it.
 """
 
@@ -22,6 +24,8 @@ import pytest
 from dist_util import torchrun
 from models import make_hf
 from sft_tokenizer import make_tokenizer
+
+from mbridge.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -62,13 +66,20 @@ def runs(tmp_path_factory):
     root = write_data(work / "data")
     ckpt = work / "ckpt"
     out = {}
+    packed = work / "packed"
+    assert main(["data", "pack", "--dataset-root", str(root), "--tokenizer", str(hf),
+                 "--seq-length", "64", "--output", str(packed)]) == 0
     args = (str(work), str(hf), str(root))
-    ref = torchrun(SCRIPT, *args, "tp1:", nproc=1)
+    pack = "train.micro_batch_size=1;data.sft.pack=true"
+    ref = torchrun(SCRIPT, *args, "tp1:", f"packed-tp1:{pack}",
+                   f"packed-file:train.micro_batch_size=1;data.dataset_root={packed}", nproc=1)
     many = torchrun(SCRIPT, *args, "dp2:", "tp2:model.tensor_model_parallel_size=2",
                     "pp2:model.pipeline_model_parallel_size=2",
                     f"mcore-tp2:model.tensor_model_parallel_size=2;"
                     f"checkpoint.pretrained_checkpoint={mcore}",
-                    f"first:train.exit_interval=5;checkpoint.save={ckpt}")
+                    f"first:train.exit_interval=5;checkpoint.save={ckpt}",
+                    f"packed-tp2:{pack};model.tensor_model_parallel_size=2",
+                    f"packed-pp2:{pack};model.pipeline_model_parallel_size=2")
     resumed = torchrun(SCRIPT, *args, f"resumed:checkpoint.load={ckpt}")
     for r in ref + many + resumed:
         out.setdefault(r["run"], []).append(r)
@@ -80,6 +91,18 @@ def test_layouts_match_tp1(runs, layout):
     ref = runs[1]["tp1"][0]["losses"]
     assert len(ref) == 10 and ref[-1] < 0.7 * ref[0]
     for rank in runs[1][layout]:
+        assert rank["losses"] == pytest.approx(ref, rel=RTOL), (layout, rank["rank"])
+
+
+@pytest.mark.parametrize("layout", ["packed-tp2", "packed-pp2"])
+def test_packed_training_matches_at_every_layout(runs, layout):
+    """Packed rows (documents side by side, attention and positions kept inside each) train
+    alike at TP=1, TP=2 and PP=2; ``mbridge data pack`` files give the rows packed at load."""
+    out = runs[1]
+    ref = out["packed-tp1"][0]["losses"]
+    assert len(ref) == 10 and ref[-1] < 0.7 * ref[0]
+    assert out["packed-file"][0]["losses"] == ref
+    for rank in out[layout]:
         assert rank["losses"] == pytest.approx(ref, rel=RTOL), (layout, rank["rank"])
 
 
