@@ -166,6 +166,7 @@ def pack(root: Path, tokenizer_dir: Path, seq_length: int, output: Path,
         for split in SPLITS:
             path = root / f"{split}.jsonl"
             if path.is_file():
+                print(f"reading {path} ...", file=sys.stderr, flush=True)
                 samples, stats = shell_sft.read_split(path, tok, spec,
                                                       spec.max_length or seq_length)
                 packed[split] = (shell_sft.pack_samples(samples, seq_length), stats)

@@ -48,7 +48,7 @@ class SDPAttention(DotProductAttention):
         left = None if window is None else window[0]
         if packed_kernel(query) == "flex":
             out = flex_document_attention(q, k, v, doc, scale=self.softmax_scale, left=left,
-                                          compiled=query.is_cuda)
+                                          compiled=query.is_cuda, key=packed.cu_seqlens_q)
             return out.squeeze(0).permute(1, 0, 2).reshape(t, self.hidden_size_per_partition)
         out = self._attend(q, k, v, document_mask(doc, left), False)  # [t, 1, np * hn]
         return out.reshape(t, self.hidden_size_per_partition)
@@ -96,14 +96,17 @@ def document_mask(doc: torch.Tensor, left: int | None = None) -> torch.Tensor:
 
 
 _compiled_flex = None
+_last_block: tuple = (None, None, None)  # (boundaries tensor, window, block mask)
 
 
-def flex_document_attention(q, k, v, doc, *, scale, left=None, compiled=True):
+def flex_document_attention(q, k, v, doc, *, scale, left=None, compiled=True, key=None):
     """The same attention as ``document_mask`` through FlexAttention's block-sparse document
     mask: ``[1, heads, t, hn]`` in and out, only the blocks inside documents computed (the
     dense mask computes all ``t * t``). Compiled on CUDA (eager FlexAttention is a slow
-    reference)."""
-    global _compiled_flex
+    reference). ``key``: the row's boundaries tensor; every layer of one forward passes the
+    same object, so the block mask is built once per row (the cache holds that tensor, so
+    its identity cannot be reused by another row's)."""
+    global _compiled_flex, _last_block
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def mask_mod(b, h, qi, ki):
@@ -111,7 +114,11 @@ def flex_document_attention(q, k, v, doc, *, scale, left=None, compiled=True):
         return keep if left is None else keep & (ki >= qi - left)
 
     t = q.shape[2]
-    block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=q.device)
+    if key is not None and _last_block[0] is key and _last_block[1] == left:
+        block = _last_block[2]
+    else:
+        block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=q.device)
+        _last_block = (key, left, block) if key is not None else (None, None, None)
     if compiled and _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     fn = _compiled_flex if compiled else flex_attention

@@ -42,6 +42,11 @@ def resolve_model(cfg: RunConfig):
     if cfg.checkpoint.pretrained_checkpoint is not None:
         key, path = "checkpoint.pretrained_checkpoint", cfg.checkpoint.pretrained_checkpoint
     path = Path(path)
+    mcore = key != "model.hf_path" and (path / "metadata.json").is_file()
+    if mcore and cfg.model.hf_path is None and not (path / HF_DIR).is_dir():
+        raise ConfigError(f"{key}={path} is a distributed checkpoint without {HF_DIR}/"
+                          "config.json (Megatron-LM's): set model.hf_path to a directory "
+                          "holding its HF config.json")
     try:
         if key != "model.hf_path" and cfg.model.hf_path is not None:  # a Megatron-LM checkpoint
             found = weights.open_mcore_weights(path, cfg.model.hf_path)

@@ -4,8 +4,9 @@ SFT JSONL (prompt/completion and chat records mixed) written here:
 - DP=2, TP=2 and PP=2 give TP=1's per-step losses (the loss is the sum of token losses over
   the loss tokens of the whole global batch, whatever the layout: answers of different
   lengths on different ranks would make a mean of means differ);
-- starting from the same weights as a distributed checkpoint (``mbridge convert import``)
-  gives the HF start's losses bit for bit;
+- starting from the same weights as a distributed checkpoint (``mbridge convert import``,
+  and the same without its HF files, as Megatron-LM saves one) gives the HF start's losses
+  bit for bit;
 - resume is exact: 10 steps straight == 5 + checkpoint + a new launch resuming for 5, bit for
   bit in losses and final weights;
 - a validation loss is reported at the eval interval and falls;
@@ -16,6 +17,7 @@ SFT JSONL (prompt/completion and chat records mixed) written here:
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +65,10 @@ def runs(tmp_path_factory):
     make_tokenizer(hf, "plain")
     mcore = work / "mcore"
     import_hf(hf, mcore)
+    mlm = work / "mlm"  # what Megatron-LM saves: no hf/ and no mbridge.json
+    shutil.copytree(mcore, mlm)
+    shutil.rmtree(mlm / "hf")
+    (mlm / "mbridge.json").unlink()
     root = write_data(work / "data")
     ckpt = work / "ckpt"
     out = {}
@@ -77,6 +83,8 @@ def runs(tmp_path_factory):
                     "pp2:model.pipeline_model_parallel_size=2",
                     f"mcore-tp2:model.tensor_model_parallel_size=2;"
                     f"checkpoint.pretrained_checkpoint={mcore}",
+                    f"mlm-tp2:model.tensor_model_parallel_size=2;"
+                    f"checkpoint.pretrained_checkpoint={mlm};model.hf_path={hf}",
                     f"first:train.exit_interval=5;checkpoint.save={ckpt}",
                     f"packed-tp2:{pack};model.tensor_model_parallel_size=2",
                     f"packed-pp2:{pack};model.pipeline_model_parallel_size=2")
@@ -107,10 +115,13 @@ def test_packed_training_matches_at_every_layout(runs, layout):
 
 
 def test_distributed_checkpoint_start_equals_hf_start(runs):
+    """mbridge's distributed checkpoint, and one without its HF files (Megatron-LM's; the HF
+    config from model.hf_path), start where the HF directory does: same losses and weights,
+    bit for bit."""
     out = runs[1]
-    for hf, mcore in zip(out["tp2"], out["mcore-tp2"]):
-        assert mcore["losses"] == hf["losses"]
-        assert mcore["digest"] == hf["digest"]
+    for hf, mcore, mlm in zip(out["tp2"], out["mcore-tp2"], out["mlm-tp2"]):
+        assert mcore["losses"] == hf["losses"] == mlm["losses"]
+        assert mcore["digest"] == hf["digest"] == mlm["digest"]
 
 
 def test_exact_resume(runs):
@@ -150,3 +161,6 @@ def test_bad_sft_input_exits_2_before_training(runs, tmp_path):
     assert proc.returncode == 2 and "no training.jsonl there" in proc.stderr
     proc = _train("--recipe", "tiny_llama_finetune", f"data.dataset_root={bad}", cwd=tmp_path)
     assert proc.returncode == 2 and "set exactly one of model.hf_path" in proc.stderr
+    proc = _train("--recipe", "tiny_llama_finetune", f"data.dataset_root={bad}",
+                  f"checkpoint.pretrained_checkpoint={work}/mlm", cwd=tmp_path)
+    assert proc.returncode == 2 and "set model.hf_path to a directory" in proc.stderr
