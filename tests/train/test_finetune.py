@@ -12,6 +12,7 @@ SFT JSONL (prompt/completion and chat records mixed) written here:
 - a validation loss is reported at the eval interval and falls;
 - packed rows (``data.sft.pack`` or ``mbridge data pack`` files) train alike at TP=1, TP=2
   and PP=2;
+- a dataset provider and a custom forward step are used when given;
 - bad SFT input stops the run before training with exit code 2 and a message naming it.
 """
 
@@ -77,7 +78,7 @@ def runs(tmp_path_factory):
                  "--seq-length", "64", "--output", str(packed)]) == 0
     args = (str(work), str(hf), str(root))
     pack = "train.micro_batch_size=1;data.sft.pack=true"
-    ref = torchrun(SCRIPT, *args, "tp1:", f"packed-tp1:{pack}",
+    ref = torchrun(SCRIPT, *args, "tp1:", "custom:", f"packed-tp1:{pack}",
                    f"packed-file:train.micro_batch_size=1;data.dataset_root={packed}", nproc=1)
     many = torchrun(SCRIPT, *args, "dp2:", "tp2:model.tensor_model_parallel_size=2",
                     "pp2:model.pipeline_model_parallel_size=2",
@@ -139,6 +140,15 @@ def test_validation_loss_is_reported(runs):
     for rank in runs[1]["tp2"]:
         assert [s for s, _ in rank["val"]] == [5, 10]
         assert rank["val"][1][1] == pytest.approx(val[1][1], rel=RTOL)
+
+
+def test_dataset_provider_and_forward_step_are_used(runs):
+    work, out = runs
+    ref, custom = out["tp1"][0], out["custom"][0]
+    assert custom["provided"] == [str(work / "hf")]  # asked once, with the tokenizer's dir
+    assert ref["provided"] == []
+    # same weights and data at step 1: the custom step's loss is exactly twice the default's
+    assert custom["losses"][0] == pytest.approx(2 * ref["losses"][0], rel=1e-6)
 
 
 def _train(*args, cwd):
