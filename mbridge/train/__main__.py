@@ -21,8 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m mbridge.train",
-        description="Train a GPT model on Megatron-Core. Launch with torchrun for several "
-                    "processes; a plain `python -m mbridge.train` trains on one.")
+        description="Train a GPT model on Megatron-Core: pretrain, or fine-tune from "
+                    "checkpoint.pretrained_checkpoint (an HF directory or a distributed "
+                    "checkpoint) on SFT JSONL in data.dataset_root (docs/finetuning.md). "
+                    "Launch with torchrun for several processes; a plain "
+                    "`python -m mbridge.train` trains on one.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", choices=sorted(recipes.RECIPES),
                      help="start from a recipe's run config")
