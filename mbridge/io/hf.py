@@ -3,27 +3,27 @@
 The reader validates before anything is converted: config.json present and valid, index
 json naming only files inside the directory that exist, every file a readable safetensors.
 The writer streams tensors into ``model-0000k-of-0000n.safetensors`` shards plus
-``model.safetensors.index.json`` in a temporary sibling directory that is renamed into place
-only when complete, so a failed run never leaves a directory that looks finished.
+``model.safetensors.index.json`` inside a directory from ``mbridge.io.output.atomic_dir``
+(a hidden sibling renamed into place only when complete, so a failed run never leaves a
+directory that looks finished).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
 import re
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from mbridge.io.output import atomic_dir, writing  # noqa: F401  (atomic_dir re-exported)
 from mbridge.keys import split_index
 
 INDEX = "model.safetensors.index.json"
@@ -40,6 +40,37 @@ _ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F
 
 class CheckpointError(ValueError):
     """A checkpoint on disk is missing, malformed or does not match the model."""
+
+
+def hub_repo(directory: Path) -> Path | None:
+    """The repo cache a Hugging Face hub snapshot lives in, or None:
+    ``~/.cache/huggingface/hub/models--org--name/snapshots/<rev>`` ->
+    ``.../models--org--name`` (its files are symlinks into that repo's ``blobs/``)."""
+    directory = directory.absolute()
+    repo = directory.parent.parent
+    if directory.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return None
+
+
+def inside(directory: str | os.PathLike, name: str, who: str) -> Path:
+    """``directory / name`` when it stays inside ``directory``; CheckpointError otherwise.
+
+    ``name`` (from an index file, so untrusted) must not leave ``directory`` by itself:
+    absolute paths and ``..`` are refused however they resolve. The file it names may be a
+    symlink to a file inside ``directory``, or, in a Hugging Face hub snapshot, into the
+    snapshot's own repo cache (``../../blobs/<hash>``, how the hub stores every file)."""
+    directory = Path(directory)
+    parts = Path(os.path.normpath(name)).parts
+    if not parts or Path(name).is_absolute() or parts[0] == "..":
+        raise CheckpointError(f"{who} {name!r}, a path outside {directory}")
+    path = directory / name
+    target = path.resolve()
+    roots = [directory.resolve()] + [r.resolve() for r in [hub_repo(directory)] if r]
+    if not any(root in target.parents for root in roots):
+        raise CheckpointError(f"{who} {name!r}, a symlink to {target}, a path outside "
+                              f"{directory}; copy the file into the directory")
+    return path
 
 
 class HFCheckpoint:
@@ -76,15 +107,13 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
-            root = self.path.resolve()
             for name in set(weight_map.values()):
-                target = (self.path / name).resolve()
-                if root not in target.parents:
-                    raise CheckpointError(f"{index} names {name!r}, a path outside {self.path}")
+                target = inside(self.path, name, f"{index} names")
                 if not target.is_file():
                     raise CheckpointError(f"{index} names shard {name!r}, which does not exist")
             return dict(weight_map)
         if (self.path / SINGLE).is_file():
+            inside(self.path, SINGLE, f"{self.path} holds")
             with self._open_file(SINGLE) as f:
                 return {k: SINGLE for k in f.keys()}
         raise CheckpointError(f"{self.path} has neither {INDEX} nor {SINGLE}")
@@ -284,7 +313,7 @@ class HFWriter:
             return
         tmp = f"shard-{len(self._written):05d}.tmp"
         entries = [(k, tuple(v.shape), v.dtype) for k, v in self._pending.items()]
-        with open(self.dir / tmp, "wb") as f:
+        with writing(self.dir / tmp), open(self.dir / tmp, "wb") as f:
             f.write(header(entries))
             for tensor in self._pending.values():
                 write_tensor(f, tensor)
@@ -307,46 +336,30 @@ class HFWriter:
         (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; on success it is renamed to ``final``,
-    on any error it is removed. An existing ``final`` is replaced only if ``overwrite``."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
-    """Copy tokenizer and generation files, when the source has them."""
+    """Copy tokenizer and generation files, when the source has them (contents only: the
+    copies get the umask's permissions, like every other output file)."""
     if src is None:
         return
     for name in SIDE_FILES:
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+            shutil.copyfile(Path(src) / name, dst / name)
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
-    if not m:
-        raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
-    unit = m.group(2).rstrip("B") or "B"
-    base = 1024 if unit.endswith("I") else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
-    return int(float(m.group(1)) * base**power)
+    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through; a size of
+    less than one byte is refused (a shard size of 0 would put every tensor in a shard of its
+    own)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if not m:
+            raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
+        unit = m.group(2).rstrip("B") or "B"
+        base = 1024 if unit.endswith("I") else 1000
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
+        n = int(float(m.group(1)) * base**power)
+    if n < 1:
+        raise ValueError(f"shard size {size!r} is not positive; write e.g. 5GB or 500MB")
+    return n

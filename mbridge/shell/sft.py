@@ -247,6 +247,10 @@ def build_datasets(context):
         else:
             out.append(SFTDataset(samples, pad_id=pad_id, seq_length=cfg.model.seq_length,
                                   multiple=spec.pad_to_multiple_of))
+    if out[1] is None and cfg.train.eval_iters:
+        raise ConfigError(f"data.dataset_root={root} has no validation.jsonl but "
+                          f"train.eval_iters={cfg.train.eval_iters}; add one or set "
+                          "train.eval_iters=0")
     if isinstance(out[0], PackedDataset) and cfg.train.micro_batch_size != 1:
         raise ConfigError(f"packed rows need train.micro_batch_size=1 (got "
                           f"{cfg.train.micro_batch_size}): a row already holds several "
