@@ -21,9 +21,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mbridge.demo", "create a tiny random HF Llama, round-trip it through Megatron-Core "
                              "at TP=2 on CPU, check logits and tensors, print a report"),
     "convert": ("mbridge.offline_cli", "offline HF <-> Megatron-Core dist checkpoint conversion"),
-    "data": ("mbridge.data_cli", "training data: `data preprocess` JSONL -> indexed dataset"),
+    "data": ("mbridge.data_cli", "training data: `data preprocess` JSONL -> indexed dataset, "
+                                  "`data pack` SFT JSONL -> packed rows"),
     "peft": ("mbridge.peft_cli", "LoRA/DoRA training checkpoint -> Hugging Face peft adapter "
                                  "(`peft export`) or merged model (`peft merge`)"),
+    "generate": ("mbridge.generate_cli", "greedy continuation of prompts by the Megatron-Core "
+                                         "model at any TP/PP (a checkpoint check)"),
 }
 
 
