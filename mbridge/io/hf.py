@@ -11,15 +11,17 @@ directory that looks finished).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mbridge.io.output import atomic_dir, writing  # noqa: F401  (atomic_dir re-exported)
 from mbridge.keys import split_index
@@ -87,6 +89,7 @@ class HFCheckpoint:
             raise CheckpointError(f"{cfg} is not valid JSON: {e}") from None
         self._files = self._weight_map()
         self._handles: dict[str, Any] = {}
+        self._layouts: dict[str, tuple] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         for name in sorted(set(self._files.values())):
             handle = self._open(name)
@@ -183,6 +186,12 @@ class HFCheckpoint:
         return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
 
     def _read(self, key: str, window) -> torch.Tensor:
+        mapped = self.mapped(key)
+        if mapped is not None:
+            if window is None:
+                return mapped
+            dim, lo, hi = window
+            return mapped.narrow(dim, lo, hi - lo)
         sl = self._open(self._files[key]).get_slice(key)
         try:
             if window is None:
@@ -192,6 +201,85 @@ class HFCheckpoint:
         except Exception as e:
             raise CheckpointError(
                 f"cannot read tensor {key!r} from {self._files[key]}: {e}") from None
+
+    def mapped(self, key: str) -> torch.Tensor | None:
+        """Tensor ``key`` as a view of a private, copy-on-write memory map of its bytes in the
+        file: no copy is made, pages are read from the page cache when first touched, writes
+        stay in this process, and the map closes when the last view of it is freed. ``None``
+        where the bytes cannot back a tensor in place (misaligned, or a dtype torch lacks).
+        The file must not be modified in place while the view lives (mbridge's writers
+        never do: they write beside the target and rename)."""
+        name = self._files[key]
+        start, dtypes = self._layout(name)
+        entry = dtypes.get(key)
+        if entry is None:
+            return None
+        dtype, shape, lo, hi = entry
+        if dtype is None or (start + lo) % dtype.itemsize:
+            return None
+        if hi == lo:
+            return torch.empty(shape, dtype=dtype)
+        base = (start + lo) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        with open(self.path / name, "rb") as f:
+            if os.fstat(f.fileno()).st_size < start + hi:
+                raise CheckpointError(f"{self.path / name} is shorter than its header says "
+                                      f"(tensor {key!r} ends at byte {start + hi})")
+            window = mmap.mmap(f.fileno(), start + hi - base, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        count = (hi - lo) // dtype.itemsize
+        return torch.frombuffer(window, dtype=dtype, count=count,
+                                offset=start + lo - base).view(shape)
+
+    def _layout(self, name: str):
+        """``(data start, {key: (torch dtype or None, shape, begin, end)})`` of one file, from
+        its header (already validated by safetensors when the checkpoint was opened)."""
+        if name not in self._layouts:
+            with open(self.path / name, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                head = json.loads(f.read(n))
+            head.pop("__metadata__", None)
+            self._layouts[name] = (8 + n, {
+                k: (_TORCH_DTYPES.get(v["dtype"]), tuple(v["shape"]), *v["data_offsets"])
+                for k, v in head.items()})
+        return self._layouts[name]
+
+
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16",
+          torch.float16: "F16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+          torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def header(entries: Sequence[Entry]) -> bytes:
+    """Length prefix + JSON header of a safetensors file holding ``entries`` in order."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        if dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        end = offset + nbytes(shape, dtype)
+        meta[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_tensor(file, tensor: torch.Tensor) -> None:
+    """Append ``tensor``'s bytes (row-major, little-endian as in memory) to ``file``: one
+    write from the tensor's memory, with no intermediate copy when it is contiguous on the CPU
+    (``safetensors.torch.save_file`` copies every tensor to ``bytes`` first: 4.5x slower for a
+    2.2 GB bf16 model here)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    if data.numel():
+        file.write(memoryview(data.view(torch.uint8).numpy()))
 
 
 def _size_bytes(t: torch.Tensor) -> int:
@@ -214,6 +302,8 @@ class HFWriter:
         size = _size_bytes(tensor)
         if self._pending and self._pending_bytes + size > self.shard_bytes:
             self._flush()
+        if tensor.dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
         self._pending[name] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += size
         self.total_bytes += size
@@ -222,8 +312,11 @@ class HFWriter:
         if not self._pending:
             return
         tmp = f"shard-{len(self._written):05d}.tmp"
-        with writing(self.dir / tmp):
-            save_file(self._pending, str(self.dir / tmp), metadata={"format": "pt"})
+        entries = [(k, tuple(v.shape), v.dtype) for k, v in self._pending.items()]
+        with writing(self.dir / tmp), open(self.dir / tmp, "wb") as f:
+            f.write(header(entries))
+            for tensor in self._pending.values():
+                write_tensor(f, tensor)
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

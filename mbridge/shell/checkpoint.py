@@ -57,6 +57,24 @@ def latest(directory: str | os.PathLike) -> Path | None:
     return path
 
 
+def check_save_target(save: str | os.PathLike | None, resume: Path | None) -> None:
+    """Refuse to start a run whose ``checkpoint.save`` already holds checkpoints it does not
+    continue: saving there would mix two runs (and retention would delete one's checkpoints),
+    and re-running a command after a crash would restart from scratch without a word. Resuming
+    from that directory (``checkpoint.load`` = ``checkpoint.save``) is what continues it."""
+    if save is None or not Path(save).is_dir():
+        return
+    root = Path(save)
+    steps = cadence.checkpoint_steps(p.name for p in root.iterdir() if p.is_dir())
+    if not steps or (resume is not None and resume.parent.resolve() == root.resolve()):
+        return
+    where = f"resumes from {resume}" if resume is not None else "starts from scratch"
+    raise CheckpointError(
+        f"checkpoint.save={save} already holds checkpoints of another run (up to "
+        f"{cadence.checkpoint_name(steps[-1])}) and this run {where}; to continue that run "
+        f"set checkpoint.load={save}, or give checkpoint.save an empty directory")
+
+
 def check_readable(path: Path) -> None:
     """The files of a Megatron-Core dist checkpoint are there and its metadata parses."""
     if not path.is_dir():
@@ -168,7 +186,7 @@ def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict,
         os.replace(tmp, final)
         _write_tracker(root, progress.step)
         for step in cadence.to_delete(cadence.checkpoint_steps(
-                p.name for p in root.iterdir() if p.is_dir()), keep):
+                p.name for p in root.iterdir() if p.is_dir()), keep, current=progress.step):
             shutil.rmtree(root / cadence.checkpoint_name(step), ignore_errors=True)
     tdist.barrier()
     return final
