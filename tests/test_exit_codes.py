@@ -233,7 +233,9 @@ def run_row(row: Row, argv: list[str], work: Path, capsys) -> tuple[int, str]:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG, not a kill
             resource.setrlimit(resource.RLIMIT_FSIZE, (row.file_size_limit,) * 2)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    fresh = {k: v for k, v in os.environ.items()  # not an in-process test's world
+             if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = dict(fresh, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, preexec_fn=limits, cwd=work)
