@@ -66,6 +66,11 @@ class PreprocessError(ValueError):
 
 
 def _tokenizer(path: Path):
+    # transformers reads a path that does not exist as a hub repo id and answers with a
+    # message about repo ids; say what is wrong instead
+    if not Path(path).is_dir():
+        raise PreprocessError(f"tokenizer directory {path} does not exist; --tokenizer takes a "
+                              "local directory holding tokenizer.json or tokenizer_config.json")
     from transformers import AutoTokenizer
 
     try:
