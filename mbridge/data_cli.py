@@ -98,10 +98,26 @@ def preprocess(input_path: Path, tokenizer_dir: Path, prefix: Path, *, key: str 
         builder.finalize(f"{tmp}.idx")
         os.replace(f"{tmp}.bin", f"{prefix}.bin")
         os.replace(f"{tmp}.idx", f"{prefix}.idx")
+        _remove_index_cache(prefix)
     finally:
         for suffix in (".bin", ".idx"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
     return {"documents": docs, "tokens": tokens, "dtype": np.dtype(dtype).name}
+
+
+def _remove_index_cache(prefix: Path) -> None:
+    """Remove the index cache Megatron-Core's GPTDataset keeps for ``prefix`` by default
+    (``PREFIX/cache/GPTDataset_indices/``): it describes the files just replaced. Training
+    would not read it anyway (its cache key includes the files' size and mtime,
+    ``shell.data.TokenInfo``); this only frees the space."""
+    import shutil
+
+    cache = prefix / "cache" / "GPTDataset_indices"
+    if cache.is_dir():
+        shutil.rmtree(cache)
+        for d in (cache.parent, prefix):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def run(args) -> int:
