@@ -219,10 +219,13 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progre
                 _restore_adam_step(runtime.optimizer, loaded["optimizer"])
             else:  # fp32 master weights from the loaded model weights
                 runtime.optimizer.reload_model_params()
-    except CheckpointError:
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    except BaseException as e:  # torch's CheckpointException (a truncated .distcp) is one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: "
+                              f"{first[:300]} (damaged or incomplete); restore it, or set "
+                              "checkpoint.load to another checkpoint directory") from None
     if rng:
         _set_rng_state(loaded["rng_state"])
     return msgspec.convert(loaded["progress"], Progress)

@@ -109,6 +109,23 @@ def build(cfg: RunConfig, vocab_size: int):
     return train, valid
 
 
+def check_tokens(batch: list, vocab_size: int) -> None:
+    """Refuse, on every rank at once, a batch holding a token id outside the model's
+    vocabulary (data tokenized for another model), before it reaches the embedding: there
+    it is an index error on CPU and a device assert on GPU. One all-reduce of the largest id."""
+    import torch.distributed as tdist
+
+    from mbridge.shell.dist import device
+
+    top = max((int(mb[k].max()) for mb in batch for k in ("tokens", "labels")), default=-1)
+    found = torch.tensor([top], dtype=torch.int64, device=device())
+    tdist.all_reduce(found, op=tdist.ReduceOp.MAX)
+    if found.item() >= vocab_size:
+        raise ConfigError(f"data.blend holds token id {found.item()}, beyond the model's "
+                          f"vocabulary of {vocab_size}: make the dataset with the model's "
+                          "tokenizer (`mbridge data preprocess --tokenizer MODEL_DIR`)")
+
+
 def collate(dataset, indices) -> dict[str, torch.Tensor]:
     samples = [dataset[i % len(dataset)] for i in indices]
     return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
