@@ -162,7 +162,9 @@ def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict,
     from megatron.core import dist_checkpointing
 
     from mbridge.io.mcore import write_hf_files
+    from mbridge.shell import writers
 
+    writers.guard()  # Megatron-Core's writer processes exit with this rank, even if killed
     root = Path(root)
     final = root / cadence.checkpoint_name(progress.step)
     tmp = root / f".{final.name}.partial"
