@@ -59,14 +59,15 @@ def test_loaded_parameters_adopt_the_maps_and_never_alias(tmp_path):
     chunks = _load(tmp_path / "hf", "bfloat16")
     params = dict(chunks[0].named_parameters())
     ckpt = HFCheckpoint(tmp_path / "hf")
-    # unchanged tensors live in maps of the file, fused ones (qkv, gate+up) are copies
+    # unchanged tensors live in maps of the file; fused ones (qkv, gate+up) are the
+    # mapping's own tensors, adopted as they are
     down = params["decoder.layers.0.mlp.linear_fc2.weight"]
     assert torch.equal(down, ckpt.read("model.layers.0.mlp.down_proj.weight"))
-    adopted = {n for n, p in params.items() if _file_backed(p, source)}
+    mapped = {n for n, p in params.items() if _file_backed(p, source)}
     # (the tiny vocabulary of 300 is padded, so the embedding is a copy)
     assert {"decoder.layers.0.mlp.linear_fc2.weight", "decoder.final_layernorm.weight",
-            "decoder.layers.0.self_attention.linear_proj.weight"} <= adopted
-    assert not any("linear_qkv.weight" in n or "linear_fc1.weight" in n for n in adopted)
+            "decoder.layers.0.self_attention.linear_proj.weight"} <= mapped
+    assert not any("linear_qkv.weight" in n or "linear_fc1.weight" in n for n in mapped)
     spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
                    for p in params.values())
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "aliased params"

@@ -3,27 +3,28 @@
 The reader validates before anything is converted: config.json present and valid, index
 json naming only files inside the directory that exist, every file a readable safetensors.
 The writer streams tensors into ``model-0000k-of-0000n.safetensors`` shards plus
-``model.safetensors.index.json`` in a temporary sibling directory that is renamed into place
-only when complete, so a failed run never leaves a directory that looks finished.
+``model.safetensors.index.json`` inside a directory from ``mbridge.io.output.atomic_dir``
+(a hidden sibling renamed into place only when complete, so a failed run never leaves a
+directory that looks finished).
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import json
 import mmap
 import os
 import re
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from mbridge.io.output import atomic_dir, writing  # noqa: F401  (atomic_dir re-exported)
 from mbridge.keys import split_index
 
 INDEX = "model.safetensors.index.json"
@@ -40,6 +41,37 @@ _ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F
 
 class CheckpointError(ValueError):
     """A checkpoint on disk is missing, malformed or does not match the model."""
+
+
+def hub_repo(directory: Path) -> Path | None:
+    """The repo cache a Hugging Face hub snapshot lives in, or None:
+    ``~/.cache/huggingface/hub/models--org--name/snapshots/<rev>`` ->
+    ``.../models--org--name`` (its files are symlinks into that repo's ``blobs/``)."""
+    directory = directory.absolute()
+    repo = directory.parent.parent
+    if directory.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return None
+
+
+def inside(directory: str | os.PathLike, name: str, who: str) -> Path:
+    """``directory / name`` when it stays inside ``directory``; CheckpointError otherwise.
+
+    ``name`` (from an index file, so untrusted) must not leave ``directory`` by itself:
+    absolute paths and ``..`` are refused however they resolve. The file it names may be a
+    symlink to a file inside ``directory``, or, in a Hugging Face hub snapshot, into the
+    snapshot's own repo cache (``../../blobs/<hash>``, how the hub stores every file)."""
+    directory = Path(directory)
+    parts = Path(os.path.normpath(name)).parts
+    if not parts or Path(name).is_absolute() or parts[0] == "..":
+        raise CheckpointError(f"{who} {name!r}, a path outside {directory}")
+    path = directory / name
+    target = path.resolve()
+    roots = [directory.resolve()] + [r.resolve() for r in [hub_repo(directory)] if r]
+    if not any(root in target.parents for root in roots):
+        raise CheckpointError(f"{who} {name!r}, a symlink to {target}, a path outside "
+                              f"{directory}; copy the file into the directory")
+    return path
 
 
 class HFCheckpoint:
@@ -76,15 +108,13 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
-            root = self.path.resolve()
             for name in set(weight_map.values()):
-                target = (self.path / name).resolve()
-                if root not in target.parents:
-                    raise CheckpointError(f"{index} names {name!r}, a path outside {self.path}")
+                target = inside(self.path, name, f"{index} names")
                 if not target.is_file():
                     raise CheckpointError(f"{index} names shard {name!r}, which does not exist")
             return dict(weight_map)
         if (self.path / SINGLE).is_file():
+            inside(self.path, SINGLE, f"{self.path} holds")
             with self._open_file(SINGLE) as f:
                 return {k: SINGLE for k in f.keys()}
         raise CheckpointError(f"{self.path} has neither {INDEX} nor {SINGLE}")
@@ -253,13 +283,55 @@ def write_tensor(file, tensor: torch.Tensor) -> None:
         file.write(memoryview(data.view(torch.uint8).numpy()))
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (Linux writes at most 2 GiB per call)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], workers: int | None = None) -> None:
+    """Write ``tensors`` as one safetensors file: the header, then every tensor's bytes at its
+    offset, by ``workers`` threads at once (``os.pwrite`` releases the GIL, so the kernel's
+    copies into the page cache run on every core; default: the CPUs this process may use, at
+    most 4). Each tensor is made contiguous on the CPU only while it is written."""
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    head = header(entries)
+    offsets, at = [], len(head)
+    for _, shape, dtype in entries:
+        offsets.append(at)
+        at += nbytes(shape, dtype)
+    workers = workers or min(4, len(os.sched_getaffinity(0)))
+
+    def put(item):
+        tensor, offset = item
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if data.numel():
+            _pwrite_all(fd, memoryview(data.view(torch.uint8).numpy()), offset)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.ftruncate(fd, at)
+        _pwrite_all(fd, memoryview(head), 0)
+        items = list(zip(tensors.values(), offsets))
+        if workers > 1 and len(items) > 1:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                list(pool.map(put, items))
+        else:
+            for item in items:
+                put(item)
+    finally:
+        os.close(fd)
+
+
 def _size_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 class HFWriter:
     """Collects tensors into safetensors shards of at most ``shard_bytes`` each inside
-    ``directory``; ``finish()`` names the shards and writes the index."""
+    ``directory``; ``finish()`` names the shards and writes the index. Tensors are held as
+    given until their shard is written: do not change them before ``finish()``."""
 
     def __init__(self, directory: Path, shard_bytes: int = 5 * 2**30):
         self.dir = Path(directory)
@@ -275,7 +347,9 @@ class HFWriter:
             self._flush()
         if tensor.dtype not in DTYPES:
             raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        # held as given (a view of a live parameter costs nothing); each is made contiguous
+        # on the CPU only while its bytes are written, so at most one such copy is alive
+        self._pending[name] = tensor.detach()
         self._pending_bytes += size
         self.total_bytes += size
 
@@ -283,11 +357,8 @@ class HFWriter:
         if not self._pending:
             return
         tmp = f"shard-{len(self._written):05d}.tmp"
-        entries = [(k, tuple(v.shape), v.dtype) for k, v in self._pending.items()]
-        with open(self.dir / tmp, "wb") as f:
-            f.write(header(entries))
-            for tensor in self._pending.values():
-                write_tensor(f, tensor)
+        with writing(self.dir / tmp):
+            write_file(self.dir / tmp, self._pending)
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -307,46 +378,30 @@ class HFWriter:
         (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; on success it is renamed to ``final``,
-    on any error it is removed. An existing ``final`` is replaced only if ``overwrite``."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
-    """Copy tokenizer and generation files, when the source has them."""
+    """Copy tokenizer and generation files, when the source has them (contents only: the
+    copies get the umask's permissions, like every other output file)."""
     if src is None:
         return
     for name in SIDE_FILES:
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+            shutil.copyfile(Path(src) / name, dst / name)
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
-    if not m:
-        raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
-    unit = m.group(2).rstrip("B") or "B"
-    base = 1024 if unit.endswith("I") else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
-    return int(float(m.group(1)) * base**power)
+    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through; a size of
+    less than one byte is refused (a shard size of 0 would put every tensor in a shard of its
+    own)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if not m:
+            raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
+        unit = m.group(2).rstrip("B") or "B"
+        base = 1024 if unit.endswith("I") else 1000
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
+        n = int(float(m.group(1)) * base**power)
+    if n < 1:
+        raise ValueError(f"shard size {size!r} is not positive; write e.g. 5GB or 500MB")
+    return n

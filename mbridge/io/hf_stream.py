@@ -12,6 +12,7 @@ result is what ``HFWriter`` writes: one ``model.safetensors`` or shards plus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mbridge.io.hf import INDEX, SINGLE, Entry, header, nbytes, write_tensor
+from mbridge.io.output import writing
 
 
 def plan_shards(entries: Sequence[Entry], shard_bytes: int) -> list[list[Entry]]:
@@ -60,14 +62,16 @@ class HFStreamWriter:
         if (name, tuple(shape), dtype) != (want, tuple(tensor.shape), tensor.dtype):
             raise ValueError(f"expected {want} {list(shape)} {dtype} next, got {name} "
                              f"{list(tensor.shape)} {tensor.dtype}")
-        if self._file is None:
-            self._file = open(self.dir / self.names[shard], "wb")  # noqa: SIM115
-            self._file.write(header(self.shards[shard]))
-        write_tensor(self._file, tensor)
+        with writing(self.dir / self.names[shard]):
+            if self._file is None:
+                self._file = open(self.dir / self.names[shard], "wb")  # noqa: SIM115
+                self._file.write(header(self.shards[shard]))
+            write_tensor(self._file, tensor)
         self._next += 1
         last_of_shard = self._next == len(self._order) or self._order[self._next][0] != shard
         if last_of_shard:
-            self._file.close()
+            with writing(self.dir / self.names[shard]):
+                self._file.close()  # flushes: may be where the disk turns out full
             self._file = None
 
     def finish(self) -> None:
@@ -85,5 +89,6 @@ class HFStreamWriter:
     def close(self) -> None:
         """Close an open shard file (after a failure; ``atomic_dir`` removes the files)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # already failing: the first error is the one
+                self._file.close()
             self._file = None

@@ -26,8 +26,9 @@ import msgspec
 import torch
 import torch.distributed as tdist
 
+from mbridge.io import safe_load
 from mbridge.io.hf import CheckpointError
-from mbridge.io.mcore import TRACKER, tracked_step
+from mbridge.io.mcore import TRACKER, McoreReader, tracked_step
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.model import unwrap
 from mbridge.train import cadence
@@ -83,9 +84,9 @@ def check_readable(path: Path) -> None:
             raise CheckpointError(f"checkpoint {path} is incomplete or unreadable: no {name}")
     try:
         json.loads((path / "metadata.json").read_text())
-        torch.load(path / "common.pt", map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
+    McoreReader(path)  # every pickle read with an allow-list: nothing in it runs
 
 
 def _rng_state() -> dict:
@@ -203,7 +204,7 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progre
     """Load checkpoint ``path`` into ``runtime`` (every rank calls it); returns its Progress."""
     from megatron.core import dist_checkpointing
 
-    common = torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+    common = safe_load.load_torch(path / safe_load.COMMON, path / safe_load.COMMON)
     if "progress" not in common:
         raise CheckpointError(f"{path} is not a training checkpoint (no progress); start "
                               "from it with model.hf_path instead")
@@ -211,7 +212,7 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progre
     rng = rng and saved_world in (None, tdist.get_world_size())
     state = sharded_state_dict(runtime, loading=True, optim=optim, rng=rng)
     try:
-        with cuda_as_cpu():
+        with cuda_as_cpu(), safe_load.megatron_loading(path):
             loaded = dist_checkpointing.load(state, str(path))
             for v, chunk in enumerate(runtime.model):
                 getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{v}"], strict=True)

@@ -96,7 +96,7 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
                     raise CheckpointError(_shape_report(
                         ckpt, group, f"{key} needs {list(param.shape)} on this rank, "
                         f"got {list(local[key].shape)}"))
-                _adopt_or_copy(param, local[key], hf, adopted)
+                _adopt_or_copy(param, local[key], adopted)
                 written.add((chunk, name))
         del hf, local
         ckpt.close()  # drop the mmaps: the pages read stop counting against this process
@@ -104,17 +104,16 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
 
 
 def _adopt_or_copy(param: torch.nn.Parameter, value: torch.Tensor,
-                   read: dict[str, torch.Tensor], adopted: list[tuple[int, int]]) -> None:
-    """Give ``param`` the memory of ``value`` when the mapping passed a tensor just read
-    through unchanged (same storage as one read, same dtype, device and shape, contiguous,
-    and no byte of it given to another parameter); otherwise copy. The reader's tensors are
-    private copy-on-write maps of the file (``HFCheckpoint.mapped``), so an adopted parameter
-    costs no copy now and a page is copied only when training first writes it."""
+                   adopted: list[tuple[int, int]]) -> None:
+    """Give ``param`` the memory of ``value`` (what the mapping produced: a tensor just read,
+    passed through, or one the mapping built, such as a fused qkv) when dtype, device and
+    shape match, it is contiguous and no byte of it went to another parameter; otherwise
+    copy. Nothing else holds these tensors once the group is loaded, and tensors read are
+    private copy-on-write maps of the file (``HFCheckpoint.mapped``): adopting costs no
+    copy, and a page of a map is copied only when training first writes it."""
     ptr, size = value.data_ptr(), value.numel() * value.element_size()
     if (value.dtype == param.dtype and value.device == param.device
             and value.shape == param.shape and value.is_contiguous() and size
-            and any(value.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-                    for t in read.values())
             and not any(ptr < end and begin < ptr + size for begin, end in adopted)):
         param.data = value
         adopted.append((ptr, ptr + size))
