@@ -45,9 +45,9 @@ def test_truncated_distcp_on_resume_exits_2(tmp_path):
     proc = train_cli(*BASE, "train.train_iters=4", f"checkpoint.save={ckpt}",
                      f"checkpoint.load={ckpt}", f"logging.output_dir={tmp_path}/b",
                      cwd=tmp_path, check=False)
-    line = refused(proc)
-    assert line.startswith(f"error: cannot load checkpoint {ckpt}/iter_0000002: "
-                           "CheckpointException") and "checkpoint.load" in line
+    line = refused(proc)  # the size check before loading, or torch's CheckpointException
+    assert line.startswith("error: ") and f"{ckpt}/iter_0000002" in line
+    assert "truncated" in line or "CheckpointException" in line, line
 
 
 @pytest.mark.slow
