@@ -25,3 +25,4 @@ step train_compile "${T_COMPILE:-150}" $py $tp --variants mbridge_compile_ce,hf_
   --micro-batches 4,8 --steps 6 --warmup 3 --json "$out/train_compile.json"
 step profile "${T_PROFILE:-60}" $py $tp --variants mbridge --micro-batches 4 --steps 3 \
   --warmup 2 --profile mbridge_ce:4
+step sft_packed "${T_SFT:-300}" $py benchmarks/sft_throughput.py --json "$out/sft_packed.json"

@@ -30,7 +30,7 @@ from mbridge import config as mconfig
 from mbridge import peft
 from mbridge.architectures import registry
 from mbridge.io.hf import HFWriter, copy_side_files, parse_size
-from mbridge.io.output import atomic_dir, check_output
+from mbridge.io.output import OutputError, OutputExists, atomic_dir, check_output
 from mbridge.sharding.plan import stage_layer_counts
 from mbridge.shell import adapters as shell_adapters
 from mbridge.shell import convert, dist
@@ -126,8 +126,21 @@ class AutoBridge:
         writer_rank = not tdist.is_initialized() or tdist.get_rank() == 0
         shard_bytes = parse_size(shard_size)
         inputs = [self._source(), self._side_files()]
-        # every rank checks (the same files), so all refuse before the collective export
-        check_output(path, inputs=inputs, overwrite=overwrite)
+        # the writer checks, and every rank learns its verdict before the export starts: all
+        # refuse together (none is left waiting in a collective), and no rank checks after
+        # the writer has already created the target
+        error = None
+        if writer_rank:
+            try:
+                check_output(path, inputs=inputs, overwrite=overwrite)
+            except (OutputError, OutputExists) as e:
+                error = e
+        if tdist.is_initialized():
+            box = [error]
+            tdist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise error
         if not writer_rank:
             for _ in self.export_hf_weights(model):
                 pass

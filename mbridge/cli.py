@@ -5,7 +5,8 @@ through ``torchrun -m mbridge.train`` (``python -m mbridge.train --help``).
 
 Each command lives in its own module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, importing a
-command's module (and so torch/megatron) only when that command runs.
+command's module (and so torch/megatron) only when that command runs: ``mbridge --help``
+imports no torch (``mbridge/__init__.py`` loads its names on first use).
 
 Exit codes: 0 success, 1 a check failed (e.g. verify found a difference), 2 bad input.
 """
@@ -21,15 +22,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mbridge.demo", "create a tiny random HF Llama, round-trip it through Megatron-Core "
                              "at TP=2 on CPU, check logits and tensors, print a report"),
     "convert": ("mbridge.offline_cli", "offline HF <-> Megatron-Core dist checkpoint conversion"),
-    "data": ("mbridge.data_cli", "training data: `data preprocess` JSONL -> indexed dataset"),
+    "data": ("mbridge.data_cli", "training data: data preprocess, JSONL -> indexed dataset; "
+                                  "data pack, SFT JSONL -> packed rows"),
     "peft": ("mbridge.peft_cli", "LoRA/DoRA training checkpoint -> Hugging Face peft adapter "
-                                 "(`peft export`) or merged model (`peft merge`)"),
+                                 "(peft export) or merged model (peft merge)"),
+    "generate": ("mbridge.generate_cli", "greedy continuation of prompts by the Megatron-Core "
+                                         "model at any TP/PP (a checkpoint check)"),
 }
+
+
+def _plain(text: str) -> str:
+    """A docstring as terminal text: RST's ``literal`` quotes dropped."""
+    return text.replace("``", "")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mbridge", description="\n\n".join(__doc__.split("\n\n")[:2]),
+        prog="mbridge", description=_plain("\n\n".join(__doc__.split("\n\n")[:2])),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 success, 1 a check failed, 2 bad input")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -9,6 +9,11 @@ One document per line: ``{"text": "..."}``. Token ids are stored in the smallest
 holds the vocabulary. Both files are written under temporary names beside the target and
 renamed into place only when the whole input is done (the .idx last), so a failed run leaves
 nothing that looks finished. Exit codes: 0 success, 2 bad input (nothing written).
+
+``mbridge data pack``: SFT JSONL (``training.jsonl``...) -> first-fit packed rows with their
+document boundaries (``training.packed.jsonl``...), for ``data.dataset_root``:
+
+    mbridge data pack --dataset-root DATA --tokenizer HF_DIR --seq-length 4096 --output DATA
 """
 
 from __future__ import annotations
@@ -34,6 +39,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--append-eod", action="store_true",
                    help="append the tokenizer's EOS token to every document")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k = sub.add_parser("pack", help="SFT JSONL -> packed rows with document boundaries",
+                       description=PACK_HELP)
+    k.add_argument("--dataset-root", type=Path, required=True, metavar="DIR",
+                   help="holds training.jsonl (and validation.jsonl, test.jsonl)")
+    k.add_argument("--tokenizer", type=Path, required=True, metavar="DIR",
+                   help="HF tokenizer directory (the model's)")
+    k.add_argument("--seq-length", type=int, required=True,
+                   help="row length: the training run's model.seq_length")
+    k.add_argument("--output", type=Path, required=True, metavar="DIR",
+                   help="writes {split}.packed.jsonl here (may be the dataset root)")
+    k.add_argument("--sft", action="append", default=[], metavar="FIELD=VALUE",
+                   help="how records become samples, as the run config's data.sft "
+                        "(e.g. loss_on=all, truncation=left); repeatable")
+
+
+PACK_HELP = """SFT records -> packed rows: each split's samples (built as the run config's data.sft
+says) are placed first-fit into rows of at most --seq-length inputs; a row keeps its
+documents' lengths, so training keeps attention and positions inside each document. Train
+on them with data.dataset_root=OUTPUT (train.micro_batch_size=1). Each file is written
+under a temporary name and renamed into place; on bad input nothing is written."""
 
 
 class PreprocessError(ValueError):
@@ -41,6 +66,11 @@ class PreprocessError(ValueError):
 
 
 def _tokenizer(path: Path):
+    # transformers reads a path that does not exist as a hub repo id and answers with a
+    # message about repo ids; say what is wrong instead
+    if not Path(path).is_dir():
+        raise PreprocessError(f"tokenizer directory {path} does not exist; --tokenizer takes a "
+                              "local directory holding tokenizer.json or tokenizer_config.json")
     from transformers import AutoTokenizer
 
     try:
@@ -141,7 +171,72 @@ def _remove_index_cache(prefix: Path) -> None:
                 d.rmdir()
 
 
+def _sft_spec(items: list[str]):
+    import msgspec
+    import yaml
+
+    from mbridge.train.sft import SFTSpec
+
+    fields = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise PreprocessError(f"--sft {item!r} is not FIELD=VALUE (e.g. loss_on=all)")
+        fields[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return msgspec.convert(fields, SFTSpec, strict=False)
+    except msgspec.ValidationError as e:
+        raise PreprocessError(f"--sft: {e} (fields: {', '.join(SFTSpec.__struct_fields__)})") \
+            from None
+
+
+def pack(root: Path, tokenizer_dir: Path, seq_length: int, output: Path,
+         sft_items: list[str] = ()) -> dict[str, dict]:
+    """Pack every split of ``root`` into ``output/{split}.packed.jsonl``; returns counts."""
+    from mbridge.shell import sft as shell_sft
+    from mbridge.train.config import ConfigError
+    from mbridge.train.sft import SPLITS
+
+    spec = _sft_spec(list(sft_items))
+    if seq_length < 1:
+        raise PreprocessError(f"--seq-length {seq_length} must be positive")
+    if not (root / "training.jsonl").is_file():
+        raise PreprocessError(f"--dataset-root {root}: no training.jsonl there")
+    try:
+        tok = shell_sft.load_tokenizer(tokenizer_dir)
+        packed = {}
+        for split in SPLITS:
+            path = root / f"{split}.jsonl"
+            if path.is_file():
+                print(f"reading {path} ...", file=sys.stderr, flush=True)
+                samples, stats = shell_sft.read_split(path, tok, spec,
+                                                      spec.max_length or seq_length)
+                packed[split] = (shell_sft.pack_samples(samples, seq_length), stats)
+    except ConfigError as e:
+        raise PreprocessError(str(e)) from None
+    output.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, (rows, stats) in packed.items():
+        shell_sft.write_packed(output / f"{split}.packed.jsonl", rows)
+        used = sum(len(r.tokens) for r in rows)
+        out[split] = {"documents": stats.samples, "rows": len(rows),
+                      "fill": used / max(len(rows) * seq_length, 1), "stats": stats.describe()}
+    return out
+
+
 def run(args) -> int:
+    if args.action == "pack":
+        try:
+            out = pack(args.dataset_root, args.tokenizer, args.seq_length, args.output,
+                       args.sft)
+        except PreprocessError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for split, c in out.items():
+            print(f"wrote {args.output}/{split}.packed.jsonl: {c['documents']} documents in "
+                  f"{c['rows']} rows of {args.seq_length} ({c['fill']:.1%} filled); "
+                  f"{c['stats']}")
+        return 0
     try:
         out = preprocess(args.input, args.tokenizer, args.output_prefix, key=args.json_key,
                          append_eod=args.append_eod, progress=not args.no_progress)

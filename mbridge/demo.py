@@ -72,8 +72,10 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.tp}",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "mbridge.demo",
            "--worker", str(hf_dir), str(out_dir), str(args.tp)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # torchrun leaves its log directory (torchelastic_*) in TMPDIR: give it one we remove
+    with tempfile.TemporaryDirectory(prefix="mbridge-demo-tmp-") as scratch:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TMPDIR=scratch)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-4000:] + proc.stderr[-4000:], file=sys.stderr)
         print("FAILED: the Megatron-Core processes exited with an error", file=sys.stderr)

@@ -73,7 +73,8 @@ def _sub(sub, name: str, text: str) -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the output directory if it exists (default: refuse)")
+                   help="replace the output directory if it exists (default: refuse); an "
+                        "output that is, holds or lies inside an input is always refused")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -36,6 +36,23 @@ class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return msgspec.structs.replace(self, **changes)
 
 
+def differences(a: Spec, b: Spec, prefix: str = "") -> tuple[str, ...]:
+    """The fields in which two specs differ, nested specs followed into:
+    ``differences(m, m.replace(num_layers=3))`` -> ``("num_layers: 4 vs 3",)``."""
+    if type(a) is not type(b):
+        return (f"{prefix.rstrip('.') or 'spec'}: {a!r} vs {b!r}",)
+    out: list[str] = []
+    for name in a.__struct_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if x == y:
+            continue
+        if isinstance(x, Spec) and isinstance(y, Spec):
+            out += differences(x, y, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}: {x!r} vs {y!r}")
+    return tuple(out)
+
+
 class RopeSpec(Spec, frozen=True, kw_only=True):
     """Rotary embedding. ``kind`` follows HF ``rope_type``: default, linear, llama3."""
 

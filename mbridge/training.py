@@ -1,5 +1,6 @@
 """Training entry points (the facade over ``mbridge.shell.pretrain``), Megatron-Bridge's
-``pretrain(config)``:
+``pretrain(config)`` and ``finetune(config)`` (both take ``forward_step=`` and
+``dataset_provider=``, see ``DataContext``):
 
     from mbridge.train import recipes
     from mbridge.training import pretrain
@@ -8,6 +9,6 @@
 Launch on several ranks with ``torchrun --nproc-per-node 2 -m mbridge.train --recipe NAME``.
 """
 
-from mbridge.shell.pretrain import pretrain
+from mbridge.shell.pretrain import DataContext, finetune, pretrain
 
-__all__ = ["pretrain"]
+__all__ = ["DataContext", "finetune", "pretrain"]

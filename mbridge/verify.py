@@ -22,7 +22,7 @@ from mbridge.io.checks import check_hf, open_mcore
 from mbridge.io.hf import HFCheckpoint
 from mbridge.offline import progress_bar, read_mcore_group
 from mbridge.shell import forward
-from mbridge.specs import ModelSpec
+from mbridge.specs import ModelSpec, differences
 
 
 @dataclass
@@ -56,7 +56,8 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, logits: b
     report = VerifyReport(atol=atol)
     hf_spec = mconfig.from_hf_config(ckpt.config)
     if hf_spec != spec:
-        report.problems.append(f"configs differ: HF {hf_spec} vs checkpoint {spec}")
+        report.problems.append("configs differ (HF vs checkpoint): "
+                               + "; ".join(differences(hf_spec, spec)))
         return report
     arch = registry.get(spec.architecture)
     groups = arch.mapping(spec, **arch.options_for(ckpt.keys()))  # read as hf_dir stores it

@@ -58,3 +58,12 @@ def test_unsupported_settings_are_named():
     with pytest.raises(ValueError, match="not divisible by tensor parallel size 4"):
         mconfig.transformer_config_kwargs(
             mconfig.from_hf_config(hf_config("llama").to_dict()), ParallelSpec(tp=4))
+
+
+def test_differences_names_only_the_fields_that_differ():
+    from mbridge.specs import differences
+
+    spec = mconfig.from_hf_config(hf_config("llama").to_dict())
+    other = spec.replace(num_layers=3, rope=spec.rope.replace(theta=1.0))
+    assert differences(spec, spec) == ()
+    assert differences(spec, other) == ("num_layers: 4 vs 3", "rope.theta: 50000.0 vs 1.0")

@@ -29,10 +29,26 @@ def test_property_test_mapping_example():
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:]
 
 
+HELP_LOADS_NO_TORCH = """
+import sys
+from mbridge.cli import main
+for argv in (["--help"], ["convert", "import", "--help"], ["data", "preprocess", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "megatron", "transformers"))
+print("HEAVY", heavy[:5])
+"""
+
+
 def test_help_lists_commands():
     proc = run("-m", "mbridge", "--help")
     assert proc.returncode == 0
     assert "demo" in proc.stdout
+    assert "`" not in proc.stdout  # no RST markup
+    proc = run("-c", HELP_LOADS_NO_TORCH)
+    assert proc.returncode == 0 and "HEAVY []" in proc.stdout, proc.stdout[-500:]
     proc = run("-m", "mbridge", "demo", "--help")
     assert proc.returncode == 0 and "--workdir" in proc.stdout
 
@@ -44,6 +60,19 @@ def test_demo_main_job(tmp_path):
     assert "39/39 tensors identical PASS" in proc.stdout
     assert proc.stdout.rstrip().endswith("PASS")
     assert (tmp_path / "exported" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_removes_its_temporary_directory(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "mbridge", "demo", "--layers", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TMPDIR=str(tmp_path / "tmp")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.rstrip().endswith("PASS")
+    # torchinductor_<user> is torch's compile cache, kept across runs by design
+    assert [p.name for p in (tmp_path / "tmp").iterdir()
+            if not p.name.startswith("torchinductor_")] == []
 
 
 def test_peft_help_and_benchmark_smoke():

@@ -191,6 +191,10 @@ ROWS: dict[str, Row] = {
                                    file_size_limit=30_000),
     "disk full during export": Row(exports(), "the file size limit is reached", process=True,
                                    file_size_limit=30_000),
+    "preprocess with a missing tokenizer directory": Row(
+        lambda w: ["data", "preprocess", "--input", str(hf(w) / "config.json"), "--tokenizer",
+                   str(w / "no-tokenizer"), "--output-prefix", str(w / "data" / "x")],
+        "tokenizer directory"),
     "training from a missing model.hf_path": Row(train("model.hf_path={w}/nope",
                                                        "model.spec=null"),
                                                  "model.hf_path=", process=True),
@@ -222,7 +226,7 @@ def tree(directory: Path) -> dict:
 def run_row(row: Row, argv: list[str], work: Path, capsys) -> tuple[int, str]:
     if not row.process:
         capsys.readouterr()
-        code = main([*argv, "--quiet"])
+        code = main([*argv, "--quiet"] if argv[0] == "convert" else argv)
         return code, capsys.readouterr().err
     cmd = [sys.executable, *(argv if argv[0] == "-m" else ["-m", "mbridge", *argv, "--quiet"])]
 
@@ -231,7 +235,9 @@ def run_row(row: Row, argv: list[str], work: Path, capsys) -> tuple[int, str]:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG, not a kill
             resource.setrlimit(resource.RLIMIT_FSIZE, (row.file_size_limit,) * 2)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    fresh = {k: v for k, v in os.environ.items()  # not an in-process test's world
+             if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = dict(fresh, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, preexec_fn=limits, cwd=work)

@@ -33,3 +33,22 @@ def test_token_cross_entropy_matches_megatron_vocab_parallel():
     torch.testing.assert_close(mine_in.grad.float(), ref_in.grad.float(), rtol=0, atol=1e-2)
     assert (mine_in.grad.float() - ref_in.grad.float()).abs().max() <= \
         ref_in.grad.float().abs().max() * 2**-7  # within bf16 rounding of the grads
+
+
+def test_packed_document_attention_flex_equals_dense_mask():
+    """FlexAttention's block-sparse document mask (the CUDA path for packed rows without TE)
+    gives the dense block-diagonal mask's attention (eager flex on CPU; fp32, 1e-5)."""
+    import torch.nn.functional as F
+
+    from mbridge.shell.fast_layers import document_mask, flex_document_attention
+
+    gen = torch.Generator().manual_seed(0)
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([7, 20, 5]))
+    q, k, v = (torch.randn(1, h, 32, 16, generator=gen) for h in (4, 2, 2))
+    for left in (None, 4):
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc, left),
+                                               scale=0.25, enable_gqa=True)
+        flex = flex_document_attention(q, k, v, doc, scale=0.25, left=left, compiled=False)
+        assert torch.allclose(flex, dense, atol=1e-5), left
+    mask = document_mask(doc)
+    assert mask[7, 6].item() is False and mask[8, 7].item() is True and mask[6, 0].item()

@@ -25,8 +25,9 @@ TIERS = [
     ("train",),
     ("io",),
     ("shell",),
-    ("__init__", "bridge", "offline", "verify", "testing", "training", "peft"),
-    ("cli", "offline_cli", "data_cli", "peft_cli", "demo", "__main__", "train.__main__"),
+    ("__init__", "bridge", "offline", "verify", "testing", "training", "peft", "generation"),
+    ("cli", "offline_cli", "data_cli", "peft_cli", "generate_cli", "demo", "__main__",
+     "train.__main__"),
 ]
 PURE_TIERS = 7  # keys .. train
 FORBIDDEN = ("torch.distributed", "megatron", "transformers", "mbridge.shell", "mbridge.io",

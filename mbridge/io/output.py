@@ -39,6 +39,9 @@ class OutputExists(FileExistsError):
         self.path = path
         super().__init__(self.message(API_FLAG))
 
+    def __reduce__(self):  # pickled whole (save_hf_pretrained sends it to every rank)
+        return OutputExists, (self.path,)
+
     def message(self, flag: str) -> str:
         return f"{self.path} already exists; pass {flag} to replace it or choose another"
 

@@ -127,7 +127,11 @@ def check_tokens(batch: list, vocab_size: int) -> None:
 
 
 def collate(dataset, indices) -> dict[str, torch.Tensor]:
+    """A micro-batch of samples ``indices`` (wrapping around the dataset); a dataset with a
+    ``collate(samples)`` method (SFT: pads to the longest) batches them itself."""
     samples = [dataset[i % len(dataset)] for i in indices]
+    if hasattr(dataset, "collate"):
+        return dataset.collate(samples)
     return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
                                                             "position_ids")}
 

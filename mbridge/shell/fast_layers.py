@@ -22,12 +22,40 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if self.config.softmax_type != "vanilla" or packed_seq_params is not None:
+        if self.config.softmax_type != "vanilla":
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
         sq, sk = q.shape[2], k.shape[2]
         mask, causal = self._mask(attention_mask, sq, sk, q.device)
+        return self._attend(q, k, v, mask, causal)
+
+    def _packed(self, query, key, value, packed):
+        """Packed documents (Megatron-Core's ``thd`` layout: ``[t, np, hn]`` q and
+        ``[t, ng, hn]`` k/v, boundaries in ``packed.cu_seqlens_q``): causal attention inside
+        each document through a block-diagonal mask, ``[t, np * hn]`` out. Megatron-Core's
+        local attention refuses packed input; TE's has a kernel, this is the CPU path."""
+        if packed.qkv_format != "thd":
+            raise ValueError(f"packed sequences in {packed.qkv_format!r} layout; only 'thd'")
+        t = query.shape[0]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        bounds = packed.cu_seqlens_q.to(query.device).long()
+        doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=query.device),
+                                      bounds[1:] - bounds[:-1])
+        window = self.scale_mask_softmax.window_size
+        left = None if window is None else window[0]
+        if packed_kernel(query) == "flex":
+            out = flex_document_attention(q, k, v, doc, scale=self.softmax_scale, left=left,
+                                          compiled=query.is_cuda, key=packed.cu_seqlens_q)
+            return out.squeeze(0).permute(1, 0, 2).reshape(t, self.hidden_size_per_partition)
+        out = self._attend(q, k, v, document_mask(doc, left), False)  # [t, 1, np * hn]
+        return out.reshape(t, self.hidden_size_per_partition)
+
+    def _attend(self, q, k, v, mask, causal):
+        """SDPA over ``[b, heads, s, hn]``; ``[sq, b, np * hn]`` out."""
+        sq = q.shape[2]
         dropout = self.attention_dropout.p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout and \
                 not self.config.sequence_parallel else _null():
@@ -46,6 +74,55 @@ class SDPAttention(DotProductAttention):
         if attention_mask is not None:
             return ~attention_mask, False
         return None, sq > 1
+
+
+PACKED_KERNEL = "auto"  # packed documents: "auto" (flex on CUDA, else sdpa), "flex", "sdpa"
+
+
+def packed_kernel(x: torch.Tensor) -> str:
+    if PACKED_KERNEL == "auto":
+        return "flex" if x.is_cuda else "sdpa"
+    return PACKED_KERNEL
+
+
+def document_mask(doc: torch.Tensor, left: int | None = None) -> torch.Tensor:
+    """``[t, t]`` bool, True = attend: causal inside each document (``doc[i]`` is token i's
+    document), within ``left`` tokens back when given (sliding window)."""
+    qi = torch.arange(doc.shape[0], device=doc.device)
+    mask = (doc[:, None] == doc[None, :]) & (qi[None, :] <= qi[:, None])
+    if left is not None:
+        mask &= qi[None, :] >= qi[:, None] - left
+    return mask
+
+
+_compiled_flex = None
+_last_block: tuple = (None, None, None)  # (boundaries tensor, window, block mask)
+
+
+def flex_document_attention(q, k, v, doc, *, scale, left=None, compiled=True, key=None):
+    """The same attention as ``document_mask`` through FlexAttention's block-sparse document
+    mask: ``[1, heads, t, hn]`` in and out, only the blocks inside documents computed (the
+    dense mask computes all ``t * t``). Compiled on CUDA (eager FlexAttention is a slow
+    reference). ``key``: the row's boundaries tensor; every layer of one forward passes the
+    same object, so the block mask is built once per row (the cache holds that tensor, so
+    its identity cannot be reused by another row's)."""
+    global _compiled_flex, _last_block
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, qi, ki):
+        keep = (doc[qi] == doc[ki]) & (ki <= qi)
+        return keep if left is None else keep & (ki >= qi - left)
+
+    t = q.shape[2]
+    if key is not None and _last_block[0] is key and _last_block[1] == left:
+        block = _last_block[2]
+    else:
+        block = create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=q.device)
+        _last_block = (key, left, block) if key is not None else (None, None, None)
+    if compiled and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    fn = _compiled_flex if compiled else flex_attention
+    return fn(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class _null:

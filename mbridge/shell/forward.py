@@ -69,3 +69,14 @@ def _gather_vocab(local: torch.Tensor, tp: int, group) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(parts, local, group=group)
     return torch.cat(parts, dim=-1)
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None):
+    """Megatron-Core's ``PackedSeqParams`` (``thd``) for one packed row whose documents end
+    at ``cu_seqlens`` ``[documents + 1]``: rope restarts and attention stays inside each."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest, cp_group=cp_group)

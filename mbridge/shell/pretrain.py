@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,7 +24,8 @@ import torch.distributed as tdist
 
 from mbridge import config as mconfig
 from mbridge.io.hf import CheckpointError
-from mbridge.shell import checkpoint, data, dist, weights
+from mbridge.io.mcore import HF_DIR
+from mbridge.shell import checkpoint, data, dist, sft, weights
 from mbridge.shell.logger import TrainLogger, check_wandb
 from mbridge.train import cadence
 from mbridge.train.config import ConfigError, RunConfig, adapter_spec
@@ -33,16 +35,66 @@ from mbridge.train.step import Metrics, step
 
 
 def resolve_model(cfg: RunConfig):
-    """(ModelSpec, weights or None, HF config dict, HF source dir or None) for the run."""
+    """(ModelSpec, weights or None, HF config dict, HF source dir or None) for the run: from
+    ``checkpoint.pretrained_checkpoint`` when set, else ``model.spec`` or ``model.hf_path``."""
     if cfg.model.spec is not None:
         return cfg.model.spec, None, mconfig.to_hf_config(cfg.model.spec), None
-    path = Path(cfg.model.hf_path)
+    key, path = "model.hf_path", cfg.model.hf_path
+    if cfg.checkpoint.pretrained_checkpoint is not None:
+        key, path = "checkpoint.pretrained_checkpoint", cfg.checkpoint.pretrained_checkpoint
+    path = Path(path)
+    mcore = key != "model.hf_path" and (path / "metadata.json").is_file()
+    if mcore and cfg.model.hf_path is None and not (path / HF_DIR).is_dir():
+        raise ConfigError(f"{key}={path} is a distributed checkpoint without {HF_DIR}/"
+                          "config.json (Megatron-LM's): set model.hf_path to a directory "
+                          "holding its HF config.json")
     try:
-        found = weights.open_weights(path)
+        if key != "model.hf_path" and cfg.model.hf_path is not None:  # a Megatron-LM checkpoint
+            found = weights.open_mcore_weights(path, cfg.model.hf_path)
+        else:
+            found = weights.open_weights(path)
     except (CheckpointError, ValueError, NotImplementedError) as e:
-        raise ConfigError(f"model.hf_path={cfg.model.hf_path}: {e}") from None
+        raise ConfigError(f"{key}={path}: {e}") from None
     hf_source = path if isinstance(found, weights.HFWeights) else None
     return found.spec, found, found.hf_config, hf_source
+
+
+def tokenizer_dir(cfg: RunConfig, source) -> Path | None:
+    """``data.tokenizer``, else the tokenizer beside the weights (an HF directory, or the
+    ``hf/`` files a distributed checkpoint carries)."""
+    if cfg.data.tokenizer is not None:
+        return Path(cfg.data.tokenizer)
+    if isinstance(source, weights.HFWeights):
+        return source.checkpoint.path
+    if isinstance(source, weights.McoreWeights) and (source.path / HF_DIR).is_dir():
+        return source.path / HF_DIR
+    return Path(cfg.model.hf_path) if cfg.model.hf_path else None
+
+
+@dataclass
+class DataContext:
+    """What a dataset provider (``build_datasets(context) -> (train, valid, test)``) gets:
+    the run config, the model's spec, the tokenizer directory (None when none is known), and
+    ``note(text)`` to put a line in the training log. A dataset is a sequence of samples,
+    each a dict of ``tokens``, ``labels``, ``loss_mask`` and ``position_ids``; one with a
+    ``collate(samples)`` method makes its own micro-batches."""
+
+    config: RunConfig
+    spec: object
+    tokenizer_dir: Path | None
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def _provider(cfg: RunConfig, dataset_provider):
+    if dataset_provider is not None:
+        return dataset_provider
+    if cfg.data.dataset_root is not None:
+        sft.check_root(cfg)
+        return sft.build_datasets
+    return None
 
 
 def check_backend(cfg: RunConfig) -> None:
@@ -92,6 +144,8 @@ def check(cfg: RunConfig, world: int | None = None) -> Checked:
     plan = plan_run(cfg, model[0], world)
     data.check_paths(cfg)
     data.check_splits(cfg)
+    if cfg.data.dataset_root is not None:
+        sft.check_root(cfg)
     resume = _resume_path(cfg)
     checkpoint.check_save_target(cfg.checkpoint.save, resume)
     return Checked(model, plan, resume)
@@ -118,10 +172,17 @@ class _StopSignal:
             signal.signal(s, handler)
 
 
-def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None) -> TrainState:
+def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None,
+             forward_step: Callable | None = None,
+             dataset_provider: Callable | None = None) -> TrainState:
     """Train as ``cfg`` says, resuming from ``checkpoint.load`` when it holds a checkpoint.
     Every rank calls it (under torchrun, or alone as a one-rank run). Returns the final
-    TrainState; ``on_step`` sees every step's Metrics."""
+    TrainState; ``on_step`` sees every step's Metrics.
+
+    ``forward_step(data_iterator, model) -> (output, loss_func)`` replaces the default
+    forward step (Megatron-Core's contract; ``loss_func(output)`` returns the loss sum, the
+    token count and ``{"lm loss": stack([sum, count])}``). ``dataset_provider(DataContext)
+    -> (train, valid, test)`` replaces the datasets ``data`` describes."""
     from mbridge.shell.runtime import MegatronRuntime
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -134,24 +195,30 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     adapters_only = peft is not None and cfg.peft.adapters_only_checkpoint
     if adapters_only and source is None:
         raise ConfigError("peft.adapters_only_checkpoint=true needs the base weights from "
-                          "model.hf_path; set it, or peft.adapters_only_checkpoint=false")
+                          "model.hf_path or checkpoint.pretrained_checkpoint; set one, or "
+                          "peft.adapters_only_checkpoint=false")
+    provider = _provider(cfg, dataset_provider)
+    context = DataContext(cfg, spec, tokenizer_dir(cfg, source))
+    datasets = provider(context) if provider is not None else None
     groups = dist.init(plan.parallel, seed=cfg.rng.seed)
     dist.set_random_seed(cfg.rng.seed, groups)  # before the model is built: its weights
     runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
                               ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
                               micro_batch_size=cfg.train.micro_batch_size,
                               weights=source if resume is None or adapters_only else None,
-                              peft=peft, seed=cfg.rng.seed)
+                              peft=peft, seed=cfg.rng.seed, forward_step=forward_step)
     state = TrainState(seed=cfg.rng.seed, model=runtime.model, optimizer=runtime.optimizer)
     if resume is not None:
         c = cfg.checkpoint
         state = state.with_progress(checkpoint.load(resume, runtime, optim=c.load_optim,
                                                     rng=c.load_rng, adapters_only=adapters_only))
-    train_ds, valid_ds = data.build(cfg, spec.vocab_size)
+    train_ds, valid_ds = datasets[:2] if datasets else data.build(cfg, spec.vocab_size)
     dp_rank = groups.dp_rank
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     log = TrainLogger(cfg, spec, rank=tdist.get_rank(), world_size=world,
                       start_step=state.step, device_name=device)
+    for line in context.notes:
+        log.note(line)
     if resume is not None:
         log.note(f"resumed from {resume} at step {state.step}")
     train_step = functools.partial(step, runtime=runtime, config=plan.step)
@@ -198,3 +265,17 @@ def _save(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json, h
     return checkpoint.save(cfg.checkpoint.save, runtime, state.progress(), cfg.to_dict(),
                            hf_config=hf_config, spec_json=spec_json, hf_source=hf_source,
                            keep=cfg.checkpoint.most_recent_k, adapters_only=adapters_only)
+
+
+def finetune(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None,
+             forward_step: Callable | None = None,
+             dataset_provider: Callable | None = None) -> TrainState:
+    """Fine-tune: ``pretrain`` starting from ``checkpoint.pretrained_checkpoint`` (weights
+    only; or ``model.hf_path``) rather than random init; ``checkpoint.load`` resumes a
+    fine-tuning run exactly. Same arguments as ``pretrain``."""
+    if cfg.checkpoint.pretrained_checkpoint is None and cfg.model.hf_path is None:
+        raise ConfigError("fine-tuning starts from trained weights: set "
+                          "checkpoint.pretrained_checkpoint=DIR (an HF directory or a "
+                          "distributed checkpoint)")
+    return pretrain(cfg, on_step=on_step, forward_step=forward_step,
+                    dataset_provider=dataset_provider)

@@ -22,6 +22,7 @@ from mbridge.adapters.spec import AdapterSpec
 from mbridge.shell import adapters
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.dist import Groups
+from mbridge.shell.forward import packed_seq_params
 from mbridge.shell.model import provide
 from mbridge.specs import ModelSpec
 from mbridge.train.config import ModelConfig, OptimizerConfig, ParallelConfig
@@ -54,7 +55,7 @@ class MegatronRuntime:
     def __init__(self, spec: ModelSpec, plan: RunPlan, groups: Groups, *, model: ModelConfig,
                  optimizer: OptimizerConfig, ddp: ParallelConfig, mixed_precision: str,
                  micro_batch_size: int, weights=None, peft: AdapterSpec | None = None,
-                 seed: int = 0):
+                 seed: int = 0, forward_step=None):
         """Build the model on ``groups`` at ``plan.parallel`` (weights loaded from ``weights``,
         a ``shell.weights`` source, or random init) and its optimizer. Takes the run config's
         ``model``, ``optimizer`` and ``parallel`` (DDP) sections, ``mixed_precision`` and
@@ -64,6 +65,7 @@ class MegatronRuntime:
         self.spec, self.plan, self.groups = spec, plan, groups
         self.model_cfg, self.optim_cfg, self.ddp_cfg = model, optimizer, ddp
         self.micro_batch_size = micro_batch_size
+        self.forward_step = forward_step or self._forward_step  # Megatron-Core's contract
         m = model
         dtype = DTYPES[mixed_precision]
         extra = dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
@@ -200,7 +202,11 @@ class MegatronRuntime:
             from megatron.core.utils import get_batch_on_this_cp_rank
 
             mb = get_batch_on_this_cp_rank(dict(mb))
-        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+        extra = {}
+        if "cu_seqlens" in mb:  # packed documents: attention and rope stay inside each
+            extra["packed_seq_params"] = packed_seq_params(mb["cu_seqlens"],
+                                                           self.groups.collection.cp)
+        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], **extra)
         return output, partial(_loss_func, mb["loss_mask"])
 
     def _run(self, batch, *, forward_only: bool) -> LossSum:
@@ -211,7 +217,7 @@ class MegatronRuntime:
         iterators = [iter(batch) for _ in self.model]
         with cuda_as_cpu():
             outputs = get_forward_backward_func()(
-                forward_step_func=self._forward_step,
+                forward_step_func=self.forward_step,
                 data_iterator=iterators if len(self.model) > 1 else iterators[0],
                 model=self.model if len(self.model) > 1 else self.model[0],
                 num_microbatches=len(batch), seq_length=self.model_cfg.seq_length,

@@ -1,6 +1,8 @@
 """Torchrun entry: train from a recipe or a YAML/JSON run config, with dotted overrides.
 
     torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llama_pretrain
+    torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llama_finetune \
+        checkpoint.pretrained_checkpoint=HF_DIR data.dataset_root=DATA_DIR
     torchrun --nproc-per-node 8 -m mbridge.train --config run.yaml train.train_iters=100
     python -m mbridge.train --recipe tiny_llama_pretrain --print-config   # show, do not train
 
@@ -20,8 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m mbridge.train",
-        description="Train a GPT model on Megatron-Core. Launch with torchrun for several "
-                    "processes; a plain `python -m mbridge.train` trains on one.")
+        description="Train a GPT model on Megatron-Core: pretrain, or fine-tune from "
+                    "checkpoint.pretrained_checkpoint (an HF directory or a distributed "
+                    "checkpoint) on SFT JSONL in data.dataset_root (docs/finetuning.md). "
+                    "Launch with torchrun for several processes; a plain "
+                    "`python -m mbridge.train` trains on one.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", choices=sorted(recipes.RECIPES),
                      help="start from a recipe's run config")
@@ -69,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     try:
         cfg = resolve_config(args)
-        from mbridge.shell.pretrain import check, pretrain
+        from mbridge.shell.pretrain import check, finetune, pretrain
 
         if args.print_config:
             world = os.environ.get("WORLD_SIZE")
             check(cfg, int(world) if world else None)  # only a config that can run
             print(cfg.to_yaml(), end="")
             return 0
-        pretrain(cfg)
+        (finetune if cfg.checkpoint.pretrained_checkpoint is not None else pretrain)(cfg)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import yaml
 
 from mbridge.adapters.spec import FUSED_TARGETS, AdapterSpec
 from mbridge.specs import ModelSpec
+from mbridge.train.sft import SFTSpec
 
 
 class ConfigError(ValueError):
@@ -109,7 +110,10 @@ class SchedulerConfig(Section, frozen=True, kw_only=True):
 
 class DataConfig(Section, frozen=True, kw_only=True):
     """Mock data, or Megatron-Core indexed datasets (``prefix`` of ``prefix.bin``/``.idx``)
-    blended with ``blend_weights``, split ``split`` (train, valid, test)."""
+    blended with ``blend_weights``, split ``split`` (train, valid, test); or, for fine-tuning,
+    ``dataset_root`` holding ``training.jsonl`` (and ``validation.jsonl``, ``test.jsonl``)
+    made into samples as ``sft`` says (``mbridge.train.sft``), tokenized with ``tokenizer``
+    (default: the pretrained checkpoint's)."""
 
     mock: bool = False
     blend: tuple[str, ...] = ()
@@ -118,9 +122,18 @@ class DataConfig(Section, frozen=True, kw_only=True):
     path_to_cache: str | None = None
     eod_token_id: int = 0
     eod_mask_loss: bool = False
+    dataset_root: str | None = None
+    tokenizer: str | None = None
+    sft: SFTSpec = SFTSpec()
 
 
 class CheckpointConfig(Section, frozen=True, kw_only=True):
+    """``pretrained_checkpoint``: weights only (no optimizer, no progress) to start from, an HF
+    directory or a Megatron-Core distributed checkpoint at any layout (a Megatron-LM one
+    without ``hf/config.json`` takes its HF config from ``model.hf_path``); ignored when
+    ``load`` holds a checkpoint to resume."""
+
+    pretrained_checkpoint: str | None = None
     save: str | None = None
     save_interval: int | None = None
     load: str | None = None

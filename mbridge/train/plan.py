@@ -48,17 +48,25 @@ def _check(ok: bool, message: str) -> None:
 def check_sections(cfg: RunConfig) -> None:
     """Checks that need neither the model nor the world size."""
     m, t, d, c = cfg.model, cfg.train, cfg.data, cfg.checkpoint
-    _check((m.hf_path is None) != (m.spec is None),
-           "set exactly one of model.hf_path (start from an HF checkpoint) and model.spec "
-           "(random init)")
+    if c.pretrained_checkpoint is not None:
+        _check(m.spec is None, "checkpoint.pretrained_checkpoint gives the model: unset "
+               "model.spec (model.hf_path may name the HF config of a Megatron-LM checkpoint)")
+    else:
+        _check((m.hf_path is None) != (m.spec is None),
+               "set exactly one of model.hf_path (start from an HF checkpoint), model.spec "
+               "(random init) and checkpoint.pretrained_checkpoint (fine-tuning)")
     _check(t.train_iters > 0, f"train.train_iters={t.train_iters} must be positive")
     _check(m.seq_length > 0, f"model.seq_length={m.seq_length} must be positive")
     _check(t.eval_iters >= 0, f"train.eval_iters={t.eval_iters} must be >= 0")
     _check(0 <= cfg.rng.seed < 2**31, f"rng.seed={cfg.rng.seed} must be in [0, 2**31)")
     _check(cfg.logging.log_interval > 0,
            f"logging.log_interval={cfg.logging.log_interval} must be positive")
-    _check(d.mock != bool(d.blend), "set data.mock=true or give data.blend (indexed dataset "
-           "prefixes), not both and not neither")
+    _check(d.mock + bool(d.blend) + (d.dataset_root is not None) == 1,
+           "set one of data.mock=true, data.blend (indexed dataset prefixes) and "
+           "data.dataset_root (SFT JSONL files), not several and not none")
+    _check(d.sft.pad_to_multiple_of is None or m.pipeline_model_parallel_size == 1,
+           "data.sft.pad_to_multiple_of needs model.pipeline_model_parallel_size=1 (pipeline "
+           "stages exchange activations of model.seq_length); leave it null")
     _check(d.blend_weights is None or len(d.blend_weights) == len(d.blend),
            f"data.blend_weights has {len(d.blend_weights or ())} weights for "
            f"{len(d.blend)} data.blend paths")

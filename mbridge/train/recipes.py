@@ -8,6 +8,8 @@ Architectures are those of the public HF configs (``meta-llama/Llama-3.2-1B``,
 Megatron-Bridge's pretraining recipes for the same models. ``hf_path`` starts from a
 converted HF checkpoint instead of random init (the architecture then comes from it).
 ``tiny_llama_pretrain`` trains on a laptop CPU in seconds with mock data.
+The ``*_finetune`` recipes start from ``checkpoint.pretrained_checkpoint`` (an HF directory or
+a distributed checkpoint) and read SFT JSONL from ``data.dataset_root``.
 """
 
 from __future__ import annotations
@@ -110,9 +112,80 @@ def tiny_llama_pretrain(hf_path: str | None = None,
         mixed_precision="fp32")
 
 
+def _finetune(name: str, *, pretrained_checkpoint: str | None, dataset_root: str | None,
+              seq_length: int = 2048, tp: int = 1, pp: int = 1, ep: int = 1, gbs: int = 128,
+              mbs: int = 1, train_iters: int = 1000, lr: float = 5e-6,
+              warmup: int = 50) -> RunConfig:
+    """A Megatron-Bridge-style full fine-tune: the model comes from ``pretrained_checkpoint``
+    (set it), data from ``dataset_root`` (training.jsonl, validation.jsonl); bf16,
+    distributed Adam, cosine decay to lr/10, answer-only loss."""
+    out = f"runs/{name}"
+    return RunConfig(
+        model=ModelConfig(seq_length=seq_length, tensor_model_parallel_size=tp,
+                          pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                          sequence_parallel=tp > 1),
+        train=TrainConfig(train_iters=train_iters, global_batch_size=gbs, micro_batch_size=mbs,
+                          eval_interval=100, eval_iters=8),
+        optimizer=OptimizerConfig(lr=lr, min_lr=lr / 10, weight_decay=0.1, adam_beta2=0.98,
+                                  adam_eps=1e-8),
+        scheduler=SchedulerConfig(lr_warmup_iters=warmup),
+        data=DataConfig(dataset_root=dataset_root),
+        checkpoint=CheckpointConfig(pretrained_checkpoint=pretrained_checkpoint,
+                                    save=f"{out}/checkpoints", load=f"{out}/checkpoints",
+                                    save_interval=200, most_recent_k=2),
+        logging=LoggingConfig(output_dir=out, log_interval=10),
+        mixed_precision="bf16_mixed")
+
+
+def llama32_1b_finetune(pretrained_checkpoint: str | None = None,
+                        dataset_root: str | None = None) -> RunConfig:
+    """Llama 3.2 1B full SFT: TP=1, PP=1, sequence 2048, global batch 128, lr 5e-6."""
+    return _finetune("llama32_1b_finetune", pretrained_checkpoint=pretrained_checkpoint,
+                     dataset_root=dataset_root)
+
+
+def llama3_8b_finetune(pretrained_checkpoint: str | None = None,
+                       dataset_root: str | None = None) -> RunConfig:
+    """Llama 3 8B full SFT: TP=2, PP=1, sequence 2048, global batch 128, lr 5e-6."""
+    return _finetune("llama3_8b_finetune", pretrained_checkpoint=pretrained_checkpoint,
+                     dataset_root=dataset_root, tp=2)
+
+
+def qwen3_8b_finetune(pretrained_checkpoint: str | None = None,
+                      dataset_root: str | None = None) -> RunConfig:
+    """Qwen3 8B full SFT: TP=2, PP=1, sequence 2048, global batch 128, lr 5e-6."""
+    return _finetune("qwen3_8b_finetune", pretrained_checkpoint=pretrained_checkpoint,
+                     dataset_root=dataset_root, tp=2)
+
+
+def qwen3_30b_a3b_finetune(pretrained_checkpoint: str | None = None,
+                           dataset_root: str | None = None) -> RunConfig:
+    """Qwen3-30B-A3B (MoE, 128 experts, 8 active) full SFT: EP=8, TP=1, sequence 2048,
+    global batch 128, lr 5e-6, on 8 GPUs."""
+    return _finetune("qwen3_30b_a3b_finetune", pretrained_checkpoint=pretrained_checkpoint,
+                     dataset_root=dataset_root, ep=8)
+
+
+def tiny_llama_finetune(pretrained_checkpoint: str | None = None,
+                        dataset_root: str | None = None) -> RunConfig:
+    """A tiny model (from ``pretrained_checkpoint``) fine-tuned in fp32 on a CPU in seconds:
+    sequence 64, 20 steps of 8 samples, validation every 10 steps."""
+    return RunConfig(
+        model=ModelConfig(seq_length=64, make_vocab_size_divisible_by=32),
+        train=TrainConfig(train_iters=20, global_batch_size=8, micro_batch_size=2,
+                          eval_interval=10, eval_iters=1),
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.0, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=2, lr_decay_style="cosine"),
+        data=DataConfig(dataset_root=dataset_root),
+        checkpoint=CheckpointConfig(pretrained_checkpoint=pretrained_checkpoint),
+        logging=LoggingConfig(output_dir="runs/tiny_llama_finetune", log_interval=5),
+        mixed_precision="fp32")
+
+
 RECIPES: dict[str, Callable[..., RunConfig]] = {
     f.__name__: f for f in (llama32_1b_pretrain, llama3_8b_pretrain, qwen3_8b_pretrain,
-                            tiny_llama_pretrain)}
+                            tiny_llama_pretrain, llama32_1b_finetune, llama3_8b_finetune,
+                            qwen3_8b_finetune, qwen3_30b_a3b_finetune, tiny_llama_finetune)}
 
 
 def get(name: str) -> Callable[..., RunConfig]:

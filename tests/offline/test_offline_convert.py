@@ -224,3 +224,14 @@ def test_unused_hf_tensors_are_left_out_and_reported(dense_models, tmp_path, cap
     assert "not in the model (left out by import): 1 HF tensors" in capsys.readouterr().out
     offline.export_hf(tmp_path / "mc", tmp_path / "hf")
     assert tensors(tmp_path / "hf").keys() == weights.keys() - {"model.rotary_emb.inv_freq"}
+
+
+def test_verify_names_only_the_config_fields_that_differ(dense_models, tmp_path, capsys):
+    other = tmp_path / "other"
+    make_hf("llama", other, num_hidden_layers=3, rms_norm_eps=1e-6)
+    offline.import_hf(other, tmp_path / "mc")
+    capsys.readouterr()
+    assert main(["convert", "verify", "--hf", str(dense_models["llama"]), "--mcore",
+                 str(tmp_path / "mc"), "--quiet"]) == 1
+    problem = next(x for x in capsys.readouterr().out.splitlines() if "configs differ" in x)
+    assert problem.split(": ", 1)[1] == "num_layers: 4 vs 3; norm_eps: 1e-05 vs 1e-06"

@@ -155,3 +155,17 @@ def test_outputs_have_the_umasks_permissions(umask, models, tmp_path):
         for p in [out, *out.rglob("*")]:
             want = (0o777 if p.is_dir() else 0o666) & ~umask
             assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_save_hf_pretrained_refuses_on_every_rank(models, tmp_path):
+    """Two real ranks (DP=2 and TP=2): the refusal reaches both, neither hangs."""
+    from dist_util import torchrun
+
+    src = shutil.copytree(models / "hf", tmp_path / "models" / "hf")
+    (tmp_path / "target").mkdir()
+    rows = torchrun(Path(__file__).parents[1] / "scripts" / "save_refused.py", str(src),
+                    str(tmp_path / "target"), timeout=600)
+    got = sorted((r["tp"], r["case"], r.get("refused", r.get("written"))) for r in rows)
+    assert got == sorted((tp, case, verdict) for tp in (1, 2) for _rank in range(2)
+                         for case, verdict in (("exists", "OutputExists"),
+                                               ("source", "OutputError"), ("overwrite", True)))

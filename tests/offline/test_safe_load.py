@@ -135,7 +135,9 @@ def test_training_resume_refuses_a_planted_checkpoint(imported, tmp_path):
     plant_metadata(d, tmp_path / "MARKER")
     cmd = [sys.executable, "-m", "mbridge.train", "--recipe", "tiny_llama_pretrain",
            f"checkpoint.load={save}", f"logging.output_dir={tmp_path / 'log'}"]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+    env = {k: v for k, v in os.environ.items()  # not an in-process test's world
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "would run code" in proc.stderr and "Traceback" not in proc.stderr

@@ -61,6 +61,26 @@ def test_recipes_plan(name, world):
     assert recipes.get(name)(hf_path="/x").model.spec is None
 
 
+@pytest.mark.parametrize("name,spec,world", [
+    ("llama32_1b_finetune", recipes.LLAMA32_1B, 8), ("llama3_8b_finetune", recipes.LLAMA3_8B, 8),
+    ("qwen3_8b_finetune", recipes.QWEN3_8B, 8), ("tiny_llama_finetune", recipes.TINY_LLAMA, 2)])
+def test_finetune_recipes_plan(name, spec, world):
+    """A fine-tuning recipe takes its model from the pretrained checkpoint (here the spec
+    that checkpoint would give) and its data from a dataset root."""
+    cfg = recipes.get(name)(pretrained_checkpoint="/ckpt", dataset_root="/data")
+    assert cfg.model.spec is None and cfg.model.hf_path is None
+    plan = plan_run(cfg, spec, world)
+    assert plan.num_microbatches * cfg.train.micro_batch_size * plan.dp_size == \
+        cfg.train.global_batch_size
+    with pytest.raises(ConfigError, match="set exactly one of model.hf_path"):
+        plan_run(recipes.get(name)(dataset_root="/data"), spec, world)
+    with pytest.raises(ConfigError, match="not several and not none"):
+        plan_run(apply_overrides(cfg, ["data.mock=true"]), spec, world)
+    with pytest.raises(ConfigError, match="pad_to_multiple_of needs"):
+        plan_run(apply_overrides(cfg, ["data.sft.pad_to_multiple_of=8",
+                                       "model.pipeline_model_parallel_size=2"]), spec, world)
+
+
 @pytest.mark.parametrize("overrides,world,message", [
     (["train.global_batch_size=6"], 2, "global_batch_size=6 must be a positive multiple"),
     (["model.tensor_model_parallel_size=4"], 2, "num_query_groups=2 is not divisible"),
@@ -68,7 +88,7 @@ def test_recipes_plan(name, world):
     (["model.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible"),
     (["model.pipeline_model_parallel_size=2", "model.virtual_pipeline_model_parallel_size=2",
       "train.global_batch_size=2"], 2, "at least pipeline_model_parallel_size"),
-    (["data.blend=[x]", "data.mock=true"], 1, "data.mock=true or give data.blend"),
+    (["data.blend=[x]", "data.mock=true"], 1, "set one of data.mock=true, data.blend"),
     (["model.hf_path=/x", "model.spec.num_layers=2"], 1,
      "exactly one of model.hf_path"),
     (["checkpoint.save_interval=5"], 1, "needs checkpoint.save"),
