@@ -73,7 +73,7 @@ def test_missing_input_or_tokenizer(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     src = write_jsonl(tmp_path / "in.jsonl", LINES)
     assert main(args + ["--input", str(src), "--tokenizer", str(tmp_path / "none")]) == 2
-    assert "cannot load an HF tokenizer" in capsys.readouterr().err
+    assert "does not exist; --tokenizer takes a local directory" in capsys.readouterr().err
 
 
 def test_non_utf8_input_names_file_and_line(tmp_path, capsys):
