@@ -80,10 +80,17 @@ def _tokenizer(path: Path):
 
 
 def _documents(path: Path, key: str):
-    """(line number, text) of each non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    """(text or None for a blank line, bytes read) of each line; read as bytes, so the
+    progress bar counts exactly the file's size and bad UTF-8 is named by line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PreprocessError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the "
+                                      "line); convert the file to UTF-8") from None
             if not line.strip():
+                yield None, len(raw)
                 continue
             try:
                 record = json.loads(line)
@@ -91,7 +98,19 @@ def _documents(path: Path, key: str):
                 raise PreprocessError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get(key), str):
                 raise PreprocessError(f"{path}:{n}: no text field {key!r}; pass --json-key")
-            yield n, record[key]
+            yield record[key], len(raw)
+
+
+def _indexed_dataset_builder():
+    """Megatron-Core's IndexedDatasetBuilder and DType, imported without the notices its
+    package prints on import where Transformer Engine and Apex are absent (a preprocess run
+    uses neither)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed.*")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    return DType, IndexedDatasetBuilder
 
 
 def preprocess(input_path: Path, tokenizer_dir: Path, prefix: Path, *, key: str = "text",
@@ -99,8 +118,9 @@ def preprocess(input_path: Path, tokenizer_dir: Path, prefix: Path, *, key: str 
     """Tokenize ``input_path`` into ``prefix``.bin/.idx; returns counts."""
     import numpy as np
     import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
+
+    DType, IndexedDatasetBuilder = _indexed_dataset_builder()
 
     if not input_path.is_file():
         raise PreprocessError(f"--input {input_path}: no such file")
@@ -116,22 +136,39 @@ def preprocess(input_path: Path, tokenizer_dir: Path, prefix: Path, *, key: str 
     try:
         bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True,
                    disable=not progress, desc="tokenizing")
-        for _, text in _documents(input_path, key):
-            ids = tok(text, add_special_tokens=False)["input_ids"] + ([eod] if append_eod else [])
+        for text, size in _documents(input_path, key):
+            ids = [] if text is None else (tok(text, add_special_tokens=False)["input_ids"]
+                                           + ([eod] if append_eod else []))
             if ids:
                 builder.add_document(torch.from_numpy(np.asarray(ids, dtype=dtype)), [len(ids)])
                 docs, tokens = docs + 1, tokens + len(ids)
-            bar.update(len(text.encode("utf-8")))
+            bar.update(size)
         bar.close()
         if not docs:
             raise PreprocessError(f"{input_path} holds no non-empty documents")
         builder.finalize(f"{tmp}.idx")
         os.replace(f"{tmp}.bin", f"{prefix}.bin")
         os.replace(f"{tmp}.idx", f"{prefix}.idx")
+        _remove_index_cache(prefix)
     finally:
         for suffix in (".bin", ".idx"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
     return {"documents": docs, "tokens": tokens, "dtype": np.dtype(dtype).name}
+
+
+def _remove_index_cache(prefix: Path) -> None:
+    """Remove the index cache Megatron-Core's GPTDataset keeps for ``prefix`` by default
+    (``PREFIX/cache/GPTDataset_indices/``): it describes the files just replaced. Training
+    would not read it anyway (its cache key includes the files' size and mtime,
+    ``shell.data.TokenInfo``); this only frees the space."""
+    import shutil
+
+    cache = prefix / "cache" / "GPTDataset_indices"
+    if cache.is_dir():
+        shutil.rmtree(cache)
+        for d in (cache.parent, prefix):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def _sft_spec(items: list[str]):

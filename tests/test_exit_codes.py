@@ -198,6 +198,8 @@ ROWS: dict[str, Row] = {
     "training from a missing model.hf_path": Row(train("model.hf_path={w}/nope",
                                                        "model.spec=null"),
                                                  "model.hf_path=", process=True),
+    "training past the model's positions": Row(train("model.seq_length=512"),
+                                               "lower model.seq_length", process=True),
 }
 SIGNAL_ROWS: dict[str, Row] = {
     "SIGTERM during import": Row(imports(None, lambda w: w / "big"), "stopped by SIGTERM",

@@ -169,7 +169,9 @@ def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict,
     from megatron.core import dist_checkpointing
 
     from mbridge.io.mcore import write_hf_files
+    from mbridge.shell import writers
 
+    writers.guard()  # Megatron-Core's writer processes exit with this rank, even if killed
     root = Path(root)
     final = root / cadence.checkpoint_name(progress.step)
     tmp = root / f".{final.name}.partial"
@@ -239,10 +241,13 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True,
                 _restore_adam_step(runtime.optimizer, loaded["optimizer"])
             else:  # fp32 master weights from the loaded model weights
                 runtime.optimizer.reload_model_params()
-    except CheckpointError:
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    except BaseException as e:  # torch's CheckpointException (a truncated .distcp) is one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: "
+                              f"{first[:300]} (damaged or incomplete); restore it, or set "
+                              "checkpoint.load to another checkpoint directory") from None
     if rng:
         _set_rng_state(loaded["rng_state"])
     return msgspec.convert(loaded["progress"], Progress)

@@ -28,13 +28,22 @@ _IDX_HEADER = struct.Struct("<9sQBQQ")
 
 
 class TokenInfo:
-    """The little of a tokenizer GPTDataset needs: vocabulary size and special token ids."""
+    """The little of a tokenizer GPTDataset needs: vocabulary size and special token ids.
+    Its ``unique_identifiers`` are part of Megatron-Core's index-cache key (the MD5 of its
+    config's description), which names the data by path only; ``data`` adds what identifies
+    the files' contents, so a prefix written again gets new indices, not the old ones."""
 
-    def __init__(self, vocab_size: int, eod: int):
+    def __init__(self, vocab_size: int, eod: int, data: dict | None = None):
         self.vocab_size, self.eod = vocab_size, eod
-        # part of the dataset cache key (Megatron-Core hashes its config's description)
         self.unique_identifiers = {"class": "mbridge.TokenInfo", "vocab_size": vocab_size,
-                                   "eod": eod}
+                                   "eod": eod, "data": data or {}}
+
+
+def fingerprint(prefix: str) -> list[int]:
+    """Size and modification time (ns) of ``prefix``.bin and .idx: `mbridge data preprocess`
+    renames new files into place, so rewriting a prefix changes them."""
+    stats = [Path(prefix + s).stat() for s in (".bin", ".idx")]
+    return [x for st in stats for x in (st.st_size, st.st_mtime_ns)]
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -80,7 +89,8 @@ def build(cfg: RunConfig, vocab_size: int):
     config = GPTDatasetConfig(
         random_seed=cfg.rng.seed, sequence_length=cfg.model.seq_length, blend=blend,
         split=d.split, path_to_cache=d.path_to_cache,
-        tokenizer=TokenInfo(vocab_size, d.eod_token_id), reset_position_ids=False,
+        tokenizer=TokenInfo(vocab_size, d.eod_token_id, {p: fingerprint(p) for p in d.blend}),
+        reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=d.eod_mask_loss, create_attention_mask=False,
         mid_level_dataset_surplus=0.005)
     unused = check_splits(cfg)
@@ -97,6 +107,23 @@ def build(cfg: RunConfig, vocab_size: int):
                           f"train.eval_iters={t.eval_iters}; give the validation split a share "
                           "or set train.eval_iters=0")
     return train, valid
+
+
+def check_tokens(batch: list, vocab_size: int) -> None:
+    """Refuse, on every rank at once, a batch holding a token id outside the model's
+    vocabulary (data tokenized for another model), before it reaches the embedding: there
+    it is an index error on CPU and a device assert on GPU. One all-reduce of the largest id."""
+    import torch.distributed as tdist
+
+    from mbridge.shell.dist import device
+
+    top = max((int(mb[k].max()) for mb in batch for k in ("tokens", "labels")), default=-1)
+    found = torch.tensor([top], dtype=torch.int64, device=device())
+    tdist.all_reduce(found, op=tdist.ReduceOp.MAX)
+    if found.item() >= vocab_size:
+        raise ConfigError(f"data.blend holds token id {found.item()}, beyond the model's "
+                          f"vocabulary of {vocab_size}: make the dataset with the model's "
+                          "tokenizer (`mbridge data preprocess --tokenizer MODEL_DIR`)")
 
 
 def collate(dataset, indices) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ Every ``logging.log_interval`` steps one console line and one ``metrics.jsonl`` 
 "skipped", "consumed_samples"}``) give the means of loss and grad norm over the steps since
 the previous line, and the throughput over their wall time (evaluation and checkpointing
 excluded); each evaluation adds
-``{"step", "val_loss"}``. MFU follows ``mbridge.train.flops`` (formula there).
+``{"step", "val_loss"}``. MFU follows ``mbridge.train.flops`` (formula there). A run that
+starts at step 0 starts a new ``metrics.jsonl`` (an earlier one moves to
+``metrics.jsonl.N``); a resumed run appends to it.
 """
 
 from __future__ import annotations
@@ -46,8 +48,12 @@ class TrainLogger:
             return
         out = Path(cfg.logging.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        moved = None if start_step else _move_aside(out / "metrics.jsonl")
         self.jsonl = (out / "metrics.jsonl").open("a")
         self._open_sinks(out, start_step)
+        if moved is not None:
+            self._print(f"{out / 'metrics.jsonl'}: a new run; the earlier run's metrics are in "
+                        f"{moved}")
 
     def _open_sinks(self, out: Path, start_step: int) -> None:
         lg = self.cfg.logging
@@ -145,6 +151,20 @@ class TrainLogger:
         if self.wandb is not None:
             self.wandb.finish()
         self.jsonl.close()
+
+
+def _move_aside(path: Path) -> Path | None:
+    """A run starting at step 0 starts a new ``metrics.jsonl`` (a resumed one appends): an
+    earlier run's non-empty file moves to ``metrics.jsonl.N``, the first free N, instead of
+    mixing two runs' steps in one file. Returns where it went."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{n}")
+    path.rename(target)
+    return target
 
 
 def _mean(values) -> float:

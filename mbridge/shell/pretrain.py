@@ -231,6 +231,7 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
         while reason is None:
             start = time.perf_counter()
             batch = data.batch_at(train_ds, state.consumed_samples, cfg, plan, dp_rank)
+            data.check_tokens(batch, spec.vocab_size)
             state, metrics = train_step(state, batch)
             seconds = time.perf_counter() - start
             reason = cadence.stop_reason(state.step, cfg.train.train_iters,

@@ -92,6 +92,9 @@ def plan_run(cfg: RunConfig, spec: ModelSpec, world_size: int) -> RunPlan:
         stage_layer_counts(spec.num_layers, parallel)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check(cfg.model.seq_length <= spec.max_position_embeddings,
+           f"model.seq_length={cfg.model.seq_length} is longer than the model's "
+           f"max_position_embeddings={spec.max_position_embeddings}; lower model.seq_length")
     model_parallel = parallel.tp * parallel.pp * parallel.cp
     _check(world_size % model_parallel == 0,
            f"world size {world_size} is not divisible by tensor x pipeline x context parallel "

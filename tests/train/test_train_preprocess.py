@@ -73,4 +73,35 @@ def test_missing_input_or_tokenizer(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     src = write_jsonl(tmp_path / "in.jsonl", LINES)
     assert main(args + ["--input", str(src), "--tokenizer", str(tmp_path / "none")]) == 2
-    assert "cannot load an HF tokenizer" in capsys.readouterr().err
+    assert "does not exist; --tokenizer takes a local directory" in capsys.readouterr().err
+
+
+def test_non_utf8_input_names_file_and_line(tmp_path, capsys):
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "the cat"}\n{"text": "caf\xe9"}\n')
+    out = tmp_path / "out"
+    code = main(["data", "preprocess", "--input", str(tmp_path / "in.jsonl"), "--tokenizer",
+                 str(tok_dir), "--output-prefix", str(out / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'in.jsonl'}:2: not UTF-8 text"), err
+    assert list(out.iterdir()) == []
+
+
+def test_preprocess_output_is_quiet_and_its_bar_reaches_100(tmp_path):
+    """No Transformer Engine/Apex notices (a preprocess run uses neither), and the progress
+    bar counts every byte of the input, blank lines and JSON included."""
+    import subprocess
+    import sys
+
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    src = write_jsonl(tmp_path / "in.jsonl", LINES * 50)
+    with src.open("a") as f:
+        f.write("\n\n")
+    proc = subprocess.run([sys.executable, "-m", "mbridge", "data", "preprocess", "--input",
+                           str(src), "--tokenizer", str(tok_dir), "--output-prefix",
+                           str(tmp_path / "out" / "x")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    final = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("tokenizing: 100%"), proc.stderr
+    assert "not installed" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
