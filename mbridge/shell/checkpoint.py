@@ -6,6 +6,7 @@ Layout (Megatron-LM's), under ``checkpoint.save``::
     latest_checkpointed_iteration.txt    the newest complete step, written last
     iter_0000010/                        dist_checkpointing.save of
         {"model0".., "optimizer", "rng_state", "progress", "run_config"}
+        (0.16: the last two in common.pt; 0.19: inside the .distcp files, ``common_state``)
         hf/config.json, mbridge.json     so `mbridge convert export --mcore DIR` needs nothing else
 
 Model keys are ``GPTModel.sharded_state_dict()``'s, one ``model{v}`` entry per virtual
@@ -34,6 +35,7 @@ from mbridge.train import cadence
 from mbridge.train.state import Progress
 
 OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+COMMON = "common.pt"  # Megatron-Core 0.16's file of the non-sharded entries
 
 
 def latest(directory: str | os.PathLike) -> Path | None:
@@ -60,12 +62,28 @@ def check_readable(path: Path) -> None:
     """The files of a Megatron-Core dist checkpoint are there and its metadata parses."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    for name in ("metadata.json", "common.pt", ".metadata"):
+    for name in ("metadata.json", ".metadata"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete or unreadable: no {name}")
     try:
         json.loads((path / "metadata.json").read_text())
-        torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+        if (path / COMMON).is_file():
+            torch.load(path / COMMON, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
+
+
+def common_state(path: Path) -> dict:
+    """The checkpoint's non-sharded entries (progress, run config, world size). Megatron-Core
+    0.16 writes them to ``common.pt``; from 0.19 they are one ``common_state`` object inside
+    the torch_dist files, which ``load_common_state_dict`` reads (with ``weights_only``;
+    ``dist_checkpointing/serialization.py``). Either release reads a ``common.pt``."""
+    if (path / COMMON).is_file():
+        return torch.load(path / COMMON, map_location="cpu", weights_only=False)
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
 
@@ -183,7 +201,7 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progre
     """Load checkpoint ``path`` into ``runtime`` (every rank calls it); returns its Progress."""
     from megatron.core import dist_checkpointing
 
-    common = torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+    common = common_state(path)
     if "progress" not in common:
         raise CheckpointError(f"{path} is not a training checkpoint (no progress); start "
                               "from it with model.hf_path instead")
