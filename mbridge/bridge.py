@@ -26,7 +26,8 @@ import torch.distributed as tdist
 
 from mbridge import config as mconfig
 from mbridge.architectures import registry
-from mbridge.io.hf import HFWriter, atomic_dir, copy_side_files, parse_size
+from mbridge.io.hf import HFWriter, copy_side_files, parse_size
+from mbridge.io.output import atomic_dir, check_output
 from mbridge.sharding.plan import stage_layer_counts
 from mbridge.shell import convert, dist
 from mbridge.shell import model as mmodel
@@ -42,7 +43,7 @@ class AutoBridge:
         self.hf_config = hf_config
         self.weights = weights
         self.architecture = registry.architecture_of(hf_config)
-        self.spec: ModelSpec = self.architecture.from_hf_config(hf_config)
+        self.spec: ModelSpec = registry.from_hf_config(hf_config)
 
     @property
     def checkpoint(self):
@@ -106,17 +107,23 @@ class AutoBridge:
             yield name, tensor.cpu() if cpu else tensor
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *,
-                           shard_size: int | str = "5GB", overwrite: bool = True) -> None:
+                           shard_size: int | str = "5GB", overwrite: bool = False) -> None:
         """Write config.json, sharded safetensors with index, and the source's tokenizer and
-        generation files. Every rank must call it; global rank 0 writes, atomically."""
+        generation files. Every rank must call it; global rank 0 writes, atomically. An
+        existing ``path`` is replaced only with ``overwrite=True``, and never when it is, holds
+        or lies inside the checkpoint the weights came from (``mbridge.io.output``)."""
         writer_rank = not tdist.is_initialized() or tdist.get_rank() == 0
+        shard_bytes = parse_size(shard_size)
+        inputs = [self._source(), self._side_files()]
+        # every rank checks (the same files), so all refuse before the collective export
+        check_output(path, inputs=inputs, overwrite=overwrite)
         if not writer_rank:
             for _ in self.export_hf_weights(model):
                 pass
             tdist.barrier()
             return
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            writer = HFWriter(tmp, parse_size(shard_size))
+        with atomic_dir(path, inputs=inputs, overwrite=overwrite) as tmp:
+            writer = HFWriter(tmp, shard_bytes)
             for name, tensor in self.export_hf_weights(model):
                 writer.add(name, tensor)
             writer.finish()
@@ -124,6 +131,14 @@ class AutoBridge:
             copy_side_files(self._side_files(), tmp)
         if tdist.is_initialized():
             tdist.barrier()
+
+    def _source(self):
+        """The checkpoint directory the weights came from, or None."""
+        if isinstance(self.weights, HFWeights):
+            return self.weights.checkpoint.path
+        if isinstance(self.weights, McoreWeights):
+            return self.weights.path
+        return None
 
     def _side_files(self):
         if isinstance(self.weights, HFWeights):

@@ -26,7 +26,9 @@ TOLERANCE = 1e-5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to write the HF model and the export (default: a temp dir)")
+                        help="where to write the HF model (WORKDIR/hf) and the export "
+                             "(WORKDIR/exported), kept and replaced on a rerun (default: a "
+                             "temporary directory, removed at the end)")
     parser.add_argument("--tp", type=int, default=2, help="tensor parallel size (default 2)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
 
@@ -53,8 +55,14 @@ def make_model(directory: Path, layers: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mbridge-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        return _run(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix="mbridge-demo-") as workdir:
+        return _run(args, Path(workdir))
+
+
+def _run(args: argparse.Namespace, workdir: Path) -> int:
     hf_dir, out_dir = workdir / "hf", workdir / "exported"
     print(f"[1/3] creating a random HF Llama in {hf_dir}", flush=True)
     make_model(hf_dir, args.layers)
@@ -85,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
           f"(tolerance {TOLERANCE:g}) {'PASS' if ok_logits else 'FAIL'}")
     print(f"  round trip       {same}/{total} tensors identical "
           f"{'PASS' if same == total else 'FAIL'}")
-    print(f"  exported to      {out_dir}")
+    print(f"  exported to      {out_dir}" if args.workdir is not None else
+          "  exported to      a temporary directory, removed (keep it: --workdir DIR)")
     print(f"  wall time        {elapsed:.1f}s for import + forward + export")
     print(f"\n{'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
@@ -137,7 +146,7 @@ def _worker(hf_dir: str, out_dir: str, tp: int) -> None:
         ref = hf(ids).logits
     diff = (got - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    bridge.save_hf_pretrained(model, out_dir, shard_size="1MB")
+    bridge.save_hf_pretrained(model, out_dir, shard_size="1MB", overwrite=True)  # its own
     if dist.get_rank() == 0:
         print(json.dumps({"logits_max_abs_diff": diff.item(),
                           "parameters": sum(p.numel() for p in hf.parameters())}), flush=True)

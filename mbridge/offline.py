@@ -33,7 +33,7 @@ import torch
 from mbridge import config as mconfig
 from mbridge.architectures import registry
 from mbridge.io.checks import check_hf, check_supported, mcore_shape, meta_mcore, open_mcore
-from mbridge.io.hf import CheckpointError, HFCheckpoint, atomic_dir, copy_side_files, parse_size
+from mbridge.io.hf import HFCheckpoint, copy_side_files, parse_size
 from mbridge.io.hf_stream import HFStreamWriter
 from mbridge.io.mcore import (
     HF_DIR,
@@ -42,6 +42,7 @@ from mbridge.io.mcore import (
     resolve,
     write_hf_files,
 )
+from mbridge.io.output import atomic_dir, check_output
 from mbridge.mappings.core import Mapping
 from mbridge.mappings.stacked import restack, stacked_counts
 from mbridge.sharding.dist_checkpoint import checkpoint_key, extra_state_keys, region, to_chunks
@@ -63,12 +64,6 @@ class _Silent:
         pass
 
 
-def _check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise CheckpointError(f"output {dst} overlaps input {src}; choose a separate directory")
-
-
 def _with_dtype(hf_config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     """The config with its dtype fields (``dtype``, ``torch_dtype``) naming ``dtype``."""
     name = str(dtype).removeprefix("torch.")
@@ -82,17 +77,17 @@ def import_hf(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *,
     """HF checkpoint -> Megatron-Core distributed checkpoint at ``mcore_dir``, written
     atomically. ``dtype`` (float32, bfloat16, float16) casts; None keeps the HF dtypes.
     Returns a summary (spec, tensors, bytes, unused HF keys)."""
+    check_output(mcore_dir, inputs=[hf_dir], overwrite=overwrite)  # before reading anything
     ckpt = HFCheckpoint(hf_dir)
     spec = mconfig.from_hf_config(ckpt.config)
     arch = registry.get(spec.architecture)
     groups = arch.mapping(spec, **arch.options_for(ckpt.keys()))  # e.g. stacked experts
     check_supported(groups, spec)
     unused = check_hf(ckpt, groups, spec)
-    _check_paths(hf_dir, mcore_dir)
     cast = torch_dtype(dtype) if dtype else None
     total = sum(ckpt.nbytes(k) for g in groups for k in g.hf_keys)
     written, out_dtype = 0, None
-    with atomic_dir(mcore_dir, overwrite=overwrite) as tmp, \
+    with atomic_dir(mcore_dir, inputs=[hf_dir], overwrite=overwrite) as tmp, \
             progress_bar(progress, total, "import") as bar:
         writer = McoreWriter(tmp)
         for group in groups:
@@ -130,8 +125,9 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
     config.json, generation and tokenizer files), written atomically; tensors keep the
     checkpoint's dtype. ``hf_config``: a directory with config.json (and tokenizer files) for
     checkpoints that carry none (e.g. from training)."""
+    shard_bytes = parse_size(shard_size)
+    check_output(hf_dir, inputs=[mcore_dir, hf_config], overwrite=overwrite)
     reader, cfg, spec, groups = open_mcore(mcore_dir, hf_config)
-    _check_paths(mcore_dir, hf_dir)
     counts = stacked_counts(k for g in groups for k in g.hf_keys)  # rows name[e] -> name
 
     def meta_hf(group):
@@ -142,8 +138,8 @@ def export_hf(mcore_dir: str | os.PathLike, hf_dir: str | os.PathLike, *,
     entries = [(k, tuple(v.shape), v.dtype)
                for k, v in restack((kv for g in groups for kv in meta_hf(g)), counts)]
     side = Path(hf_config) if hf_config is not None else resolve(mcore_dir) / HF_DIR
-    with atomic_dir(hf_dir, overwrite=overwrite) as tmp:
-        writer = HFStreamWriter(tmp, entries, parse_size(shard_size))
+    with atomic_dir(hf_dir, inputs=[mcore_dir, hf_config], overwrite=overwrite) as tmp:
+        writer = HFStreamWriter(tmp, entries, shard_bytes)
         try:
             with progress_bar(progress, writer.total_bytes, "export") as bar:
                 hf = (kv for group in groups

@@ -8,7 +8,8 @@ no process group and no GPU (the library: ``mbridge/offline.py``).
 
 Outputs are written to a hidden temporary directory beside the target and renamed into place
 only when complete; the input is only read. Exit codes: 0 success, 1 verify found a
-difference, 2 bad input or failure (nothing left under the output name).
+difference, 2 bad input or failure, 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM);
+on 2 and 128 + N nothing is left under the output name.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-EPILOG = "exit codes: 0 success, 1 verify found a difference, 2 bad input (no output written)"
+EPILOG = ("exit codes: 0 success, 1 verify found a difference, 2 bad input (no output "
+          "written), 130 / 143 stopped by Ctrl-C / SIGTERM (no output written)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,36 +77,75 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class _Stop(BaseException):
+    """Raised by the SIGTERM/SIGINT handler: unwinds like Ctrl-C, so ``atomic_dir`` removes
+    the partial output on the way out."""
+
+
+class _Signals:
+    """Turns the first SIGTERM or SIGINT into ``_Stop`` and remembers it; later ones are
+    ignored, so the cleanup the first started is not cut short."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise _Stop
+
+
 def run(args: argparse.Namespace) -> int:
+    from mbridge.io.output import OutputExists
+
+    signals = _Signals()
+    try:
+        return _dispatch(args)
+    except BaseException as e:
+        # a signal can surface as another error (raised inside torch.save's writer): the
+        # remembered signal decides
+        if signals.signum is not None:
+            name = signal.Signals(signals.signum).name
+            out = f"; nothing written to {args.out}" if args.action != "verify" else ""
+            print(f"mbridge convert {args.action}: stopped by {name}{out}", file=sys.stderr)
+            return 128 + signals.signum
+        if isinstance(e, OutputExists):
+            message = e.message("--overwrite")
+        elif isinstance(e, (ValueError, NotImplementedError, FileExistsError, OSError)):
+            message = str(e)
+        else:
+            raise
+        print(f"mbridge convert {args.action}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from mbridge import offline, verify
 
-    # SIGTERM unwinds like Ctrl-C, so the temporary output directory is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     start = time.perf_counter()
-    try:
-        if args.action == "import":
-            out = offline.import_hf(args.hf, args.out, dtype=args.dtype,
-                                    overwrite=args.overwrite, progress=not args.quiet)
-            _done(f"imported {out['spec'].architecture}: {out['tensors']} HF tensors "
-                  f"({out['dtype']}) -> {args.out}", out["bytes"], start)
-            if out["unused_hf_keys"]:
-                print(f"note: left out {len(out['unused_hf_keys'])} HF tensors the model does "
-                      f"not use: {out['unused_hf_keys'][:5]}", file=sys.stderr)
-            return 0
-        if args.action == "export":
-            out = offline.export_hf(args.mcore, args.out, shard_size=args.shard_size,
-                                    hf_config=args.hf_config, overwrite=args.overwrite,
-                                    progress=not args.quiet)
-            _done(f"exported {out['spec'].architecture}: {out['tensors']} HF tensors in "
-                  f"{out['shards']} shard(s) -> {args.out}", out["bytes"], start)
-            return 0
-        report = verify.verify(args.hf, args.mcore, logits=args.logits, atol=args.atol,
+    if args.action == "import":
+        out = offline.import_hf(args.hf, args.out, dtype=args.dtype,
+                                overwrite=args.overwrite, progress=not args.quiet)
+        _done(f"imported {out['spec'].architecture}: {out['tensors']} HF tensors "
+              f"({out['dtype']}) -> {args.out}", out["bytes"], start)
+        if out["unused_hf_keys"]:
+            print(f"note: left out {len(out['unused_hf_keys'])} HF tensors the model does "
+                  f"not use: {out['unused_hf_keys'][:5]}", file=sys.stderr)
+        return 0
+    if args.action == "export":
+        out = offline.export_hf(args.mcore, args.out, shard_size=args.shard_size,
+                                hf_config=args.hf_config, overwrite=args.overwrite,
                                 progress=not args.quiet)
-        print(format_report(report))
-        return 0 if report.passed else 1
-    except (ValueError, NotImplementedError, FileExistsError, OSError) as e:
-        print(f"mbridge convert {args.action}: error: {e}", file=sys.stderr)
-        return 2
+        _done(f"exported {out['spec'].architecture}: {out['tensors']} HF tensors in "
+              f"{out['shards']} shard(s) -> {args.out}", out["bytes"], start)
+        return 0
+    report = verify.verify(args.hf, args.mcore, logits=args.logits, atol=args.atol,
+                           progress=not args.quiet)
+    print(format_report(report))
+    return 0 if report.passed else 1
 
 
 def _done(what: str, nbytes: int, start: float) -> None:

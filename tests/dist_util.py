@@ -45,3 +45,26 @@ def report(**fields) -> None:
     # separately, and two ranks sharing the pipe can interleave between them.
     sys.stdout.write("RESULT " + json.dumps({"rank": rank, **fields}) + "\n")
     sys.stdout.flush()
+
+
+def train_cli(*args: str, nproc: int = 1, cwd: str | Path | None = None, timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Launch ``python -m mbridge.train ARGS`` as a user would: a plain ``python`` process
+    for one rank, ``torchrun --nproc-per-node N`` for more. With ``check`` a non-zero exit
+    fails the calling test with the output; a run past ``timeout`` fails it too (a hang)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", "--master-addr=127.0.0.1"]
+    proc = subprocess.run([*launcher, "-m", "mbridge.train", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mbridge.train failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def logged_losses(output_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training line of ``output_dir/metrics.jsonl``."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]

@@ -103,15 +103,57 @@ def get(name: str) -> Architecture:
 
 
 def architecture_of(hf_config: dict[str, Any]) -> Architecture:
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"config.json holds a JSON {type(hf_config).__name__}, not an object "
+                         "of model settings; is it a Hugging Face config.json?")
     names = hf_config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"config.json has architectures={names!r}; it must be a list of "
+                         "class names such as [\"LlamaForCausalLM\"]")
     if not names:
         raise ValueError("config.json has no 'architectures' entry; cannot tell the model family")
     return get(names[0])
 
 
+# config.json fields whose type the translations rely on (checked when present and not null)
+INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim",
+              "max_position_embeddings", "sliding_window", "moe_intermediate_size",
+              "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+              "shared_expert_intermediate_size", "first_k_dense_replace")
+NUMBER_FIELDS = ("rms_norm_eps", "rope_theta", "attn_logit_softcapping",
+                 "final_logit_softcapping", "query_pre_attn_scalar")
+
+
+def check_field_types(hf_config: dict[str, Any]) -> None:
+    """ValueError naming the first size field that is not an integer (or scale that is not a
+    number): ``num_hidden_layers: "four"`` fails here, not deep inside a translation."""
+    for key in INT_FIELDS:
+        value = hf_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"config.json has {key}={value!r} (a {type(value).__name__}); "
+                             "it must be an integer")
+    for key in NUMBER_FIELDS:
+        value = hf_config.get(key)
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, float))):
+            raise ValueError(f"config.json has {key}={value!r} (a {type(value).__name__}); "
+                             "it must be a number")
+
+
 def from_hf_config(hf_config: dict[str, Any]) -> ModelSpec:
-    """HF ``config.json`` dict -> ModelSpec, through the architecture's own translation."""
-    return architecture_of(hf_config).from_hf_config(hf_config)
+    """HF ``config.json`` dict -> ModelSpec, through the architecture's own translation;
+    ValueError naming the field when config.json lacks one or holds one of the wrong type."""
+    arch = architecture_of(hf_config)
+    check_field_types(hf_config)
+    try:
+        return arch.from_hf_config(hf_config)
+    except KeyError as e:
+        raise ValueError(f"config.json has no {e.args[0]!r} field, which {arch.name} "
+                         "needs") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"config.json does not describe a valid {arch.name}: "
+                         f"{type(e).__name__}: {e}") from None
 
 
 def to_hf_config(spec: ModelSpec) -> dict[str, Any]:

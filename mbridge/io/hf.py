@@ -3,26 +3,27 @@
 The reader validates before anything is converted: config.json present and valid, index
 json naming only files inside the directory that exist, every file a readable safetensors.
 The writer streams tensors into ``model-0000k-of-0000n.safetensors`` shards plus
-``model.safetensors.index.json`` in a temporary sibling directory that is renamed into place
-only when complete, so a failed run never leaves a directory that looks finished.
+``model.safetensors.index.json`` inside a directory from ``mbridge.io.output.atomic_dir``
+(a hidden sibling renamed into place only when complete, so a failed run never leaves a
+directory that looks finished).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import mmap
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
+import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from mbridge.io.output import atomic_dir, writing  # noqa: F401  (atomic_dir re-exported)
 from mbridge.keys import split_index
 
 INDEX = "model.safetensors.index.json"
@@ -41,6 +42,37 @@ class CheckpointError(ValueError):
     """A checkpoint on disk is missing, malformed or does not match the model."""
 
 
+def hub_repo(directory: Path) -> Path | None:
+    """The repo cache a Hugging Face hub snapshot lives in, or None:
+    ``~/.cache/huggingface/hub/models--org--name/snapshots/<rev>`` ->
+    ``.../models--org--name`` (its files are symlinks into that repo's ``blobs/``)."""
+    directory = directory.absolute()
+    repo = directory.parent.parent
+    if directory.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return None
+
+
+def inside(directory: str | os.PathLike, name: str, who: str) -> Path:
+    """``directory / name`` when it stays inside ``directory``; CheckpointError otherwise.
+
+    ``name`` (from an index file, so untrusted) must not leave ``directory`` by itself:
+    absolute paths and ``..`` are refused however they resolve. The file it names may be a
+    symlink to a file inside ``directory``, or, in a Hugging Face hub snapshot, into the
+    snapshot's own repo cache (``../../blobs/<hash>``, how the hub stores every file)."""
+    directory = Path(directory)
+    parts = Path(os.path.normpath(name)).parts
+    if not parts or Path(name).is_absolute() or parts[0] == "..":
+        raise CheckpointError(f"{who} {name!r}, a path outside {directory}")
+    path = directory / name
+    target = path.resolve()
+    roots = [directory.resolve()] + [r.resolve() for r in [hub_repo(directory)] if r]
+    if not any(root in target.parents for root in roots):
+        raise CheckpointError(f"{who} {name!r}, a symlink to {target}, a path outside "
+                              f"{directory}; copy the file into the directory")
+    return path
+
+
 class HFCheckpoint:
     """Read-only view of an HF checkpoint directory; tensors are read lazily."""
 
@@ -57,6 +89,7 @@ class HFCheckpoint:
             raise CheckpointError(f"{cfg} is not valid JSON: {e}") from None
         self._files = self._weight_map()
         self._handles: dict[str, Any] = {}
+        self._layouts: dict[str, tuple] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         for name in sorted(set(self._files.values())):
             handle = self._open(name)
@@ -74,15 +107,13 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
-            root = self.path.resolve()
             for name in set(weight_map.values()):
-                target = (self.path / name).resolve()
-                if root not in target.parents:
-                    raise CheckpointError(f"{index} names {name!r}, a path outside {self.path}")
+                target = inside(self.path, name, f"{index} names")
                 if not target.is_file():
                     raise CheckpointError(f"{index} names shard {name!r}, which does not exist")
             return dict(weight_map)
         if (self.path / SINGLE).is_file():
+            inside(self.path, SINGLE, f"{self.path} holds")
             with self._open_file(SINGLE) as f:
                 return {k: SINGLE for k in f.keys()}
         raise CheckpointError(f"{self.path} has neither {INDEX} nor {SINGLE}")
@@ -155,6 +186,12 @@ class HFCheckpoint:
         return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
 
     def _read(self, key: str, window) -> torch.Tensor:
+        mapped = self.mapped(key)
+        if mapped is not None:
+            if window is None:
+                return mapped
+            dim, lo, hi = window
+            return mapped.narrow(dim, lo, hi - lo)
         sl = self._open(self._files[key]).get_slice(key)
         try:
             if window is None:
@@ -164,6 +201,85 @@ class HFCheckpoint:
         except Exception as e:
             raise CheckpointError(
                 f"cannot read tensor {key!r} from {self._files[key]}: {e}") from None
+
+    def mapped(self, key: str) -> torch.Tensor | None:
+        """Tensor ``key`` as a view of a private, copy-on-write memory map of its bytes in the
+        file: no copy is made, pages are read from the page cache when first touched, writes
+        stay in this process, and the map closes when the last view of it is freed. ``None``
+        where the bytes cannot back a tensor in place (misaligned, or a dtype torch lacks).
+        The file must not be modified in place while the view lives (mbridge's writers
+        never do: they write beside the target and rename)."""
+        name = self._files[key]
+        start, dtypes = self._layout(name)
+        entry = dtypes.get(key)
+        if entry is None:
+            return None
+        dtype, shape, lo, hi = entry
+        if dtype is None or (start + lo) % dtype.itemsize:
+            return None
+        if hi == lo:
+            return torch.empty(shape, dtype=dtype)
+        base = (start + lo) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        with open(self.path / name, "rb") as f:
+            if os.fstat(f.fileno()).st_size < start + hi:
+                raise CheckpointError(f"{self.path / name} is shorter than its header says "
+                                      f"(tensor {key!r} ends at byte {start + hi})")
+            window = mmap.mmap(f.fileno(), start + hi - base, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        count = (hi - lo) // dtype.itemsize
+        return torch.frombuffer(window, dtype=dtype, count=count,
+                                offset=start + lo - base).view(shape)
+
+    def _layout(self, name: str):
+        """``(data start, {key: (torch dtype or None, shape, begin, end)})`` of one file, from
+        its header (already validated by safetensors when the checkpoint was opened)."""
+        if name not in self._layouts:
+            with open(self.path / name, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                head = json.loads(f.read(n))
+            head.pop("__metadata__", None)
+            self._layouts[name] = (8 + n, {
+                k: (_TORCH_DTYPES.get(v["dtype"]), tuple(v["shape"]), *v["data_offsets"])
+                for k, v in head.items()})
+        return self._layouts[name]
+
+
+Entry = tuple[str, tuple[int, ...], torch.dtype]
+
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16",
+          torch.float16: "F16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+          torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def header(entries: Sequence[Entry]) -> bytes:
+    """Length prefix + JSON header of a safetensors file holding ``entries`` in order."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        if dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        end = offset + nbytes(shape, dtype)
+        meta[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_tensor(file, tensor: torch.Tensor) -> None:
+    """Append ``tensor``'s bytes (row-major, little-endian as in memory) to ``file``: one
+    write from the tensor's memory, with no intermediate copy when it is contiguous on the CPU
+    (``safetensors.torch.save_file`` copies every tensor to ``bytes`` first: 4.5x slower for a
+    2.2 GB bf16 model here)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    if data.numel():
+        file.write(memoryview(data.view(torch.uint8).numpy()))
 
 
 def _size_bytes(t: torch.Tensor) -> int:
@@ -186,6 +302,8 @@ class HFWriter:
         size = _size_bytes(tensor)
         if self._pending and self._pending_bytes + size > self.shard_bytes:
             self._flush()
+        if tensor.dtype not in DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
         self._pending[name] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += size
         self.total_bytes += size
@@ -194,7 +312,11 @@ class HFWriter:
         if not self._pending:
             return
         tmp = f"shard-{len(self._written):05d}.tmp"
-        save_file(self._pending, str(self.dir / tmp), metadata={"format": "pt"})
+        entries = [(k, tuple(v.shape), v.dtype) for k, v in self._pending.items()]
+        with writing(self.dir / tmp), open(self.dir / tmp, "wb") as f:
+            f.write(header(entries))
+            for tensor in self._pending.values():
+                write_tensor(f, tensor)
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -214,46 +336,30 @@ class HFWriter:
         (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; on success it is renamed to ``final``,
-    on any error it is removed. An existing ``final`` is replaced only if ``overwrite``."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def copy_side_files(src: str | os.PathLike | None, dst: Path) -> None:
-    """Copy tokenizer and generation files, when the source has them."""
+    """Copy tokenizer and generation files, when the source has them (contents only: the
+    copies get the umask's permissions, like every other output file)."""
     if src is None:
         return
     for name in SIDE_FILES:
         if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
+            shutil.copyfile(Path(src) / name, dst / name)
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
-    if not m:
-        raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
-    unit = m.group(2).rstrip("B") or "B"
-    base = 1024 if unit.endswith("I") else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
-    return int(float(m.group(1)) * base**power)
+    """``"5GB" -> 5 * 10**9``, ``"512MiB" -> 512 * 2**20``, ints pass through; a size of
+    less than one byte is refused (a shard size of 0 would put every tensor in a shard of its
+    own)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if not m:
+            raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MB")
+        unit = m.group(2).rstrip("B") or "B"
+        base = 1024 if unit.endswith("I") else 1000
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I") or "B"]
+        n = int(float(m.group(1)) * base**power)
+    if n < 1:
+        raise ValueError(f"shard size {size!r} is not positive; write e.g. 5GB or 500MB")
+    return n

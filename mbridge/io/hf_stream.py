@@ -12,26 +12,16 @@ result is what ``HFWriter`` writes: one ``model.safetensors`` or shards plus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from mbridge.io.hf import INDEX, SINGLE
-
-Entry = tuple[str, tuple[int, ...], torch.dtype]
-
-DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16",
-          torch.float16: "F16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-          torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
-def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+from mbridge.io.hf import INDEX, SINGLE, Entry, header, nbytes, write_tensor
+from mbridge.io.output import writing
 
 
 def plan_shards(entries: Sequence[Entry], shard_bytes: int) -> list[list[Entry]]:
@@ -47,21 +37,6 @@ def plan_shards(entries: Sequence[Entry], shard_bytes: int) -> list[list[Entry]]
         shards[-1].append(entry)
         size += n
     return shards
-
-
-def header(entries: Sequence[Entry]) -> bytes:
-    """Length prefix + JSON header of a safetensors file holding ``entries`` in order."""
-    meta: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in entries:
-        if dtype not in DTYPES:
-            raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
-        end = offset + nbytes(shape, dtype)
-        meta[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    text = json.dumps(meta, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(text)) + text
 
 
 class HFStreamWriter:
@@ -87,16 +62,16 @@ class HFStreamWriter:
         if (name, tuple(shape), dtype) != (want, tuple(tensor.shape), tensor.dtype):
             raise ValueError(f"expected {want} {list(shape)} {dtype} next, got {name} "
                              f"{list(tensor.shape)} {tensor.dtype}")
-        if self._file is None:
-            self._file = open(self.dir / self.names[shard], "wb")  # noqa: SIM115
-            self._file.write(header(self.shards[shard]))
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        with writing(self.dir / self.names[shard]):
+            if self._file is None:
+                self._file = open(self.dir / self.names[shard], "wb")  # noqa: SIM115
+                self._file.write(header(self.shards[shard]))
+            write_tensor(self._file, tensor)
         self._next += 1
         last_of_shard = self._next == len(self._order) or self._order[self._next][0] != shard
         if last_of_shard:
-            self._file.close()
+            with writing(self.dir / self.names[shard]):
+                self._file.close()  # flushes: may be where the disk turns out full
             self._file = None
 
     def finish(self) -> None:
@@ -114,5 +89,6 @@ class HFStreamWriter:
     def close(self) -> None:
         """Close an open shard file (after a failure; ``atomic_dir`` removes the files)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # already failing: the first error is the one
+                self._file.close()
             self._file = None

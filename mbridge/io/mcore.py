@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -46,7 +46,9 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
 
-from mbridge.io.hf import CheckpointError, copy_side_files
+from mbridge.io.hf import CheckpointError, copy_side_files, inside
+from mbridge.io.output import writing
+from mbridge.io.safe_load import check_pickles, read_metadata
 from mbridge.io.torch_record import Window, map_record
 from mbridge.sharding.dist_checkpoint import Region
 from mbridge.train.cadence import checkpoint_name
@@ -114,7 +116,7 @@ class McoreWriter:
         crc = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
         try:
-            with open(self.dir / name, "wb") as f:
+            with writing(self.dir / name), open(self.dir / name, "wb") as f:
                 for index, value in records:
                     f.write(bytes(-f.tell() % ALIGN))
                     offset = f.tell()
@@ -140,9 +142,12 @@ class McoreWriter:
         """Write ``.metadata`` (through ``FileSystemWriter.finish``, which stamps the DCP
         version), ``metadata.json`` and ``common.pt``."""
         metadata = Metadata(state_dict_metadata={**self._tensors, **self._objects})
-        FileSystemWriter(self.dir, sync_files=False).finish(metadata, [self._results])
-        (self.dir / "metadata.json").write_text(json.dumps(BACKEND))
-        torch.save(common or {}, self.dir / "common.pt")
+        with writing(self.dir / ".metadata"):
+            FileSystemWriter(self.dir, sync_files=False).finish(metadata, [self._results])
+        with writing(self.dir / "metadata.json"):
+            (self.dir / "metadata.json").write_text(json.dumps(BACKEND))
+        with writing(self.dir / "common.pt"):
+            torch.save(common or {}, self.dir / "common.pt")
 
 
 def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
@@ -154,7 +159,8 @@ def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]
 class McoreReader:
     """Read-only view of a ``torch_dist`` checkpoint: any box of any tensor, whatever chunks
     it was written in (by this writer, or by Megatron-Core at any TP/PP). Validates on open
-    that it is a torch_dist checkpoint whose data files exist inside the directory."""
+    that it is a torch_dist checkpoint whose data files exist inside the directory and whose
+    pickles (``.metadata``, ``common.pt``, object records) hold nothing that runs code."""
 
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory)
@@ -169,22 +175,17 @@ class McoreReader:
         if backend != "torch_dist":
             raise CheckpointError(f"{self.path} has sharded_backend={backend!r}; only "
                                   "torch_dist checkpoints can be read")
-        try:
-            self.metadata: Metadata = FileSystemReader(self.path).read_metadata()
-        except Exception as e:  # pickle and file errors alike
-            raise CheckpointError(f"cannot read {self.path / '.metadata'}: {e}") from None
+        self.metadata: Metadata = read_metadata(self.path)  # runs no code: safe_load
         self._check_files()
+        check_pickles(self.path, self.metadata)
 
     def _check_files(self) -> None:
-        root = self.path.resolve()
         ends: dict[str, int] = {}
         for info in self.metadata.storage_data.values():
             ends[info.relative_path] = max(ends.get(info.relative_path, 0),
                                            info.offset + info.length)
         for name, end in ends.items():
-            target = (self.path / name).resolve()
-            if root not in target.parents:
-                raise CheckpointError(f"{self.path} metadata names {name!r}, outside the directory")
+            target = inside(self.path, name, f"{self.path} metadata names")
             if not target.is_file():
                 raise CheckpointError(f"{self.path} metadata names {name!r}, which does not exist")
             if target.stat().st_size < end:

@@ -27,15 +27,15 @@ import msgspec
 import torch
 import torch.distributed as tdist
 
+from mbridge.io import safe_load
 from mbridge.io.hf import CheckpointError
-from mbridge.io.mcore import TRACKER, tracked_step
+from mbridge.io.mcore import TRACKER, McoreReader, tracked_step
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.model import unwrap
 from mbridge.train import cadence
 from mbridge.train.state import Progress
 
 OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
-COMMON = "common.pt"  # Megatron-Core 0.16's file of the non-sharded entries
 
 
 def latest(directory: str | os.PathLike) -> Path | None:
@@ -58,6 +58,24 @@ def latest(directory: str | os.PathLike) -> Path | None:
     return path
 
 
+def check_save_target(save: str | os.PathLike | None, resume: Path | None) -> None:
+    """Refuse to start a run whose ``checkpoint.save`` already holds checkpoints it does not
+    continue: saving there would mix two runs (and retention would delete one's checkpoints),
+    and re-running a command after a crash would restart from scratch without a word. Resuming
+    from that directory (``checkpoint.load`` = ``checkpoint.save``) is what continues it."""
+    if save is None or not Path(save).is_dir():
+        return
+    root = Path(save)
+    steps = cadence.checkpoint_steps(p.name for p in root.iterdir() if p.is_dir())
+    if not steps or (resume is not None and resume.parent.resolve() == root.resolve()):
+        return
+    where = f"resumes from {resume}" if resume is not None else "starts from scratch"
+    raise CheckpointError(
+        f"checkpoint.save={save} already holds checkpoints of another run (up to "
+        f"{cadence.checkpoint_name(steps[-1])}) and this run {where}; to continue that run "
+        f"set checkpoint.load={save}, or give checkpoint.save an empty directory")
+
+
 def check_readable(path: Path) -> None:
     """The files of a Megatron-Core dist checkpoint are there and its metadata parses."""
     if not path.is_dir():
@@ -67,23 +85,26 @@ def check_readable(path: Path) -> None:
             raise CheckpointError(f"checkpoint {path} is incomplete or unreadable: no {name}")
     try:
         json.loads((path / "metadata.json").read_text())
-        if (path / COMMON).is_file():
-            torch.load(path / COMMON, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
+    McoreReader(path)  # every pickle read with an allow-list: nothing in it runs
 
 
 def common_state(path: Path) -> dict:
     """The checkpoint's non-sharded entries (progress, run config, world size). Megatron-Core
     0.16 writes them to ``common.pt``; from 0.19 they are one ``common_state`` object inside
-    the torch_dist files, which ``load_common_state_dict`` reads (with ``weights_only``;
-    ``dist_checkpointing/serialization.py``). Either release reads a ``common.pt``."""
-    if (path / COMMON).is_file():
-        return torch.load(path / COMMON, map_location="cpu", weights_only=False)
+    the torch_dist files, which ``load_common_state_dict`` reads (``weights_only``, and under
+    ``safe_load.megatron_loading``; ``dist_checkpointing/serialization.py``). Either release
+    reads a ``common.pt``."""
+    if (path / safe_load.COMMON).is_file():
+        return safe_load.load_torch(path / safe_load.COMMON, path / safe_load.COMMON)
     from megatron.core import dist_checkpointing
 
     try:
-        return dist_checkpointing.load_common_state_dict(str(path))
+        with safe_load.megatron_loading(path):
+            return dist_checkpointing.load_common_state_dict(str(path))
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
 
@@ -185,7 +206,7 @@ def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict,
         os.replace(tmp, final)
         _write_tracker(root, progress.step)
         for step in cadence.to_delete(cadence.checkpoint_steps(
-                p.name for p in root.iterdir() if p.is_dir()), keep):
+                p.name for p in root.iterdir() if p.is_dir()), keep, current=progress.step):
             shutil.rmtree(root / cadence.checkpoint_name(step), ignore_errors=True)
     tdist.barrier()
     return final
@@ -209,7 +230,7 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progre
     rng = rng and saved_world in (None, tdist.get_world_size())
     state = sharded_state_dict(runtime, loading=True, optim=optim, rng=rng)
     try:
-        with cuda_as_cpu():
+        with cuda_as_cpu(), safe_load.megatron_loading(path):
             loaded = dist_checkpointing.load(state, str(path))
             for v, chunk in enumerate(runtime.model):
                 getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{v}"], strict=True)

@@ -79,6 +79,7 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
     params = _params(chunks)
     check_coverage(ckpt, groups, spec)
     written: set[tuple[int, str]] = set()
+    adopted: list[tuple[int, int]] = []
     for group in groups:
         hosted = _hosted(group, spec, parallel, rank)
         if not hosted:
@@ -95,10 +96,30 @@ def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSp
                     raise CheckpointError(_shape_report(
                         ckpt, group, f"{key} needs {list(param.shape)} on this rank, "
                         f"got {list(local[key].shape)}"))
-                with torch.no_grad():
-                    param.copy_(local[key])
+                _adopt_or_copy(param, local[key], adopted)
                 written.add((chunk, name))
+        del hf, local
+        ckpt.close()  # drop the mmaps: the pages read stop counting against this process
     _check_all_loaded(params, written, ckpt)
+
+
+def _adopt_or_copy(param: torch.nn.Parameter, value: torch.Tensor,
+                   adopted: list[tuple[int, int]]) -> None:
+    """Give ``param`` the memory of ``value`` (what the mapping produced: a tensor just read,
+    passed through, or one the mapping built, such as a fused qkv) when dtype, device and
+    shape match, it is contiguous and no byte of it went to another parameter; otherwise
+    copy. Nothing else holds these tensors once the group is loaded, and tensors read are
+    private copy-on-write maps of the file (``HFCheckpoint.mapped``): adopting costs no
+    copy, and a page of a map is copied only when training first writes it."""
+    ptr, size = value.data_ptr(), value.numel() * value.element_size()
+    if (value.dtype == param.dtype and value.device == param.device
+            and value.shape == param.shape and value.is_contiguous() and size
+            and not any(ptr < end and begin < ptr + size for begin, end in adopted)):
+        param.data = value
+        adopted.append((ptr, ptr + size))
+        return
+    with torch.no_grad():
+        param.copy_(value)
 
 
 def _check_all_loaded(params: list[dict[str, torch.Tensor]], written: set[tuple[int, str]],

@@ -11,6 +11,7 @@ every evaluation, so validation losses are comparable across a run.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import torch
@@ -18,6 +19,12 @@ import torch
 from mbridge.train.config import ConfigError, RunConfig
 from mbridge.train.plan import RunPlan
 from mbridge.train.sampling import microbatch_indices
+from mbridge.train.split import unused_splits
+
+# Megatron-Core's .idx header (indexed_dataset.py _IndexWriter): magic, version <Q, dtype
+# code <B, sequence count <Q, document count <Q (document_indices, which starts with a 0)
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
 
 
 class TokenInfo:
@@ -40,6 +47,25 @@ def check_paths(cfg: RunConfig) -> None:
                               "with `mbridge data preprocess`)")
 
 
+def document_count(prefix: str) -> int:
+    """Documents in the indexed dataset ``prefix`` (read from its .idx header)."""
+    path = Path(prefix + ".idx")
+    with path.open("rb") as f:
+        head = f.read(_IDX_HEADER.size)
+    if len(head) < _IDX_HEADER.size or head[:9] != _IDX_MAGIC:
+        raise ConfigError(f"data.blend: {path} is not a Megatron-Core index file (make the "
+                          "dataset again with `mbridge data preprocess`)")
+    return _IDX_HEADER.unpack(head)[4] - 1
+
+
+def check_splits(cfg: RunConfig) -> frozenset:
+    """The splits to leave out of the build (``mbridge.train.split.unused_splits``); raises
+    ConfigError before anything is built when data.split gives a split the run reads no
+    documents of data.blend's datasets."""
+    counts = {} if cfg.data.mock else {p: document_count(p) for p in cfg.data.blend}
+    return unused_splits(cfg.data.split, counts, eval_iters=cfg.train.eval_iters)
+
+
 def build(cfg: RunConfig, vocab_size: int):
     """(train, valid) datasets sized for the whole run."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
@@ -57,6 +83,8 @@ def build(cfg: RunConfig, vocab_size: int):
         tokenizer=TokenInfo(vocab_size, d.eod_token_id), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=d.eod_mask_loss, create_attention_mask=False,
         mid_level_dataset_surplus=0.005)
+    unused = check_splits(cfg)
+    config.split_matrix = [None if i in unused else m for i, m in enumerate(config.split_matrix)]
     sizes = [t.train_iters * t.global_batch_size, max(t.eval_iters, 1) * t.global_batch_size, 0]
     cls = MockGPTDataset if d.mock else GPTDataset
     try:

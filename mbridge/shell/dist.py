@@ -116,6 +116,28 @@ def init(parallel: ParallelSpec, seed: int = 1234) -> Groups:
     return Groups(parallel, ProcessGroupCollection.use_mpu_process_groups())
 
 
+def set_random_seed(seed: int, groups: Groups) -> None:
+    """Seed every generator that builds or runs the model, as Megatron-LM's
+    ``_set_random_seed`` does before it builds one: Python's, NumPy's, torch's global one
+    (CPU and CUDA; Megatron-Core's CPU initialisation draws the weights from it) and the
+    model-parallel tracker (dropout, GPU initialisation of tensor-parallel weights), all
+    from ``decision.stage_seed``. Without it two launches of one config start from different
+    weights, and so do data-parallel replicas."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from mbridge.train.decision import stage_seed
+
+    rank = groups.rank
+    seed = stage_seed(seed, rank.pp)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also every CUDA device's generator
+    model_parallel_cuda_manual_seed(seed, tp_rank=rank.tp, ep_rank=rank.ep, etp_rank=rank.etp)
+
+
 def new_groups(parallel: ParallelSpec) -> Groups:
     """The groups of ``parallel`` over the current world, created here (every rank must call
     it, in the same order), leaving ``parallel_state`` as it is. Ranks follow Megatron-Core's

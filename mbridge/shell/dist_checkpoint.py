@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mbridge.io import safe_load
 from mbridge.shell.model import unwrap
 
 
@@ -25,6 +26,7 @@ def load(chunks: Sequence[torch.nn.Module], directory: str | os.PathLike) -> Non
     modules = unwrap(chunks)
     # Megatron-LM's convention for virtual pipeline chunks: one sub-dict per chunk.
     sharded = {f"model{v}": m.sharded_state_dict() for v, m in enumerate(modules)}
-    state = dist_checkpointing.load(sharded, str(directory))
+    with safe_load.megatron_loading(directory):  # loading runs no code from the checkpoint
+        state = dist_checkpointing.load(sharded, str(directory))
     for v, module in enumerate(modules):
         module.load_state_dict(state[f"model{v}"], strict=True)

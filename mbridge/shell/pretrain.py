@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as tdist
@@ -26,7 +27,7 @@ from mbridge.shell import checkpoint, data, dist, weights
 from mbridge.shell.logger import TrainLogger, check_wandb
 from mbridge.train import cadence
 from mbridge.train.config import ConfigError, RunConfig
-from mbridge.train.plan import check_sections, plan_run
+from mbridge.train.plan import RunPlan, check_sections, parallel_spec, plan_run
 from mbridge.train.state import TrainState
 from mbridge.train.step import Metrics, step
 
@@ -71,6 +72,31 @@ def _resume_path(cfg: RunConfig) -> Path | None:
     return path
 
 
+class Checked(NamedTuple):
+    model: tuple  # resolve_model's (spec, weights, hf config, hf source)
+    plan: RunPlan
+    resume: Path | None
+
+
+def check(cfg: RunConfig, world: int | None = None) -> Checked:
+    """Every check of ``cfg`` that needs no process group, Transformer Engine or W&B: the
+    sections, the model (``model.hf_path`` is opened), the plan on ``world`` ranks (default:
+    the model-parallel size, the smallest world it fits), data paths and splits, the
+    checkpoint to resume and the save directory. ``--print-config`` runs it too, so it never
+    shows a config that cannot run."""
+    check_sections(cfg)
+    model = resolve_model(cfg)
+    if world is None:
+        p = parallel_spec(cfg)
+        world = p.tp * p.pp * p.cp
+    plan = plan_run(cfg, model[0], world)
+    data.check_paths(cfg)
+    data.check_splits(cfg)
+    resume = _resume_path(cfg)
+    checkpoint.check_save_target(cfg.checkpoint.save, resume)
+    return Checked(model, plan, resume)
+
+
 class _StopSignal:
     """Remembers SIGTERM/SIGINT so the loop can stop cleanly after the current step."""
 
@@ -98,15 +124,14 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     TrainState; ``on_step`` sees every step's Metrics."""
     from mbridge.shell.runtime import MegatronRuntime
 
-    check_sections(cfg)
-    spec, source, hf_config, hf_source = resolve_model(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = plan_run(cfg, spec, world)
-    data.check_paths(cfg)
+    checked = check(cfg, world)
+    spec, source, hf_config, hf_source = checked.model
+    plan, resume = checked.plan, checked.resume
     check_backend(cfg)
     check_wandb(cfg)
-    resume = _resume_path(cfg)
     groups = dist.init(plan.parallel, seed=cfg.rng.seed)
+    dist.set_random_seed(cfg.rng.seed, groups)  # before the model is built: its weights
     runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
                               ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
                               micro_batch_size=cfg.train.micro_batch_size,

@@ -182,13 +182,9 @@ class MegatronRuntime:
             yield from opt.get_parameters()
 
     def _reseed(self, seed: int) -> None:
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        from mbridge.shell.dist import set_random_seed
 
-        rank = self.groups.rank
-        seed = seed + 100 * rank.pp  # as Megatron-LM
-        torch.manual_seed(seed)
-        model_parallel_cuda_manual_seed(seed, tp_rank=rank.tp, ep_rank=rank.ep,
-                                        etp_rank=rank.etp)
+        set_random_seed(seed, self.groups)
 
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)

@@ -10,6 +10,7 @@ Exit codes: 0 trained, 2 bad input (config, data path, checkpoint), found before
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.train_iters=100 optimizer.lr=1.0e-4")
     p.add_argument("--print-config", action="store_true",
-                   help="print the resolved run config as YAML and exit")
+                   help="check the resolved run config (model, plan, data, checkpoints; "
+                        "not Transformer Engine or W&B), print it as YAML and exit")
     return p
 
 
@@ -67,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     try:
         cfg = resolve_config(args)
+        from mbridge.shell.pretrain import check, pretrain
+
         if args.print_config:
+            world = os.environ.get("WORLD_SIZE")
+            check(cfg, int(world) if world else None)  # only a config that can run
             print(cfg.to_yaml(), end="")
             return 0
-        from mbridge.shell.pretrain import pretrain
-
         pretrain(cfg)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -57,10 +57,13 @@ def checkpoint_steps(names: Iterable[str]) -> tuple[int, ...]:
     return tuple(sorted(int(m.group(1)) for m in map(_ITER.match, names) if m))
 
 
-def to_delete(steps: Iterable[int], keep: int) -> tuple[int, ...]:
+def to_delete(steps: Iterable[int], keep: int, *, current: int | None = None) -> tuple[int, ...]:
     """Which checkpoints to delete to keep the newest ``keep`` (``keep`` < 0: keep all).
-    ``to_delete([5, 10, 15], 2) -> (5,)``"""
-    ordered = sorted(steps)
+    With ``current`` (the step just saved) only the steps up to it count: the newest is the
+    one just written, never deleted, and checkpoints of higher steps (left by an earlier run
+    this one resumed before) are not this run's to remove.
+    ``to_delete([5, 10, 15], 2) -> (5,)``; ``to_delete([5, 10, 15], 1, current=10) -> (5,)``"""
+    ordered = sorted(s for s in steps if current is None or s <= current)
     if keep < 0 or len(ordered) <= keep:
         return ()
     return tuple(ordered[: len(ordered) - max(keep, 1)])

@@ -243,11 +243,23 @@ def _check_key(data: dict[str, Any], key: str) -> None:
         node = node[part]
 
 
+# Setting the first key replaces the second's choice (a recipe's random-init architecture,
+# its mock data) unless the overrides set the second too: `--recipe llama32_1b_pretrain
+# model.hf_path=DIR data.blend=[PREFIX]` means that checkpoint on that data.
+REPLACES = {"model.hf_path": ("model.spec", None), "data.blend": ("data.mock", False)}
+
+
 def apply_overrides(config: RunConfig, overrides: Iterable[str]) -> RunConfig:
     """``config`` with each dotted ``key=value`` set, validated as a whole. A value is read
     as YAML (``5``, ``1.0e-3``, ``true``, ``null``, ``[a, b]``); a text field keeps the raw
-    text. Unknown keys and wrong types raise ConfigError naming the key."""
+    text. Unknown keys and wrong types raise ConfigError naming the key. ``model.hf_path``
+    and ``data.blend`` replace the recipe's ``model.spec`` and ``data.mock`` (``REPLACES``)."""
     data = config.to_dict()
+    overrides = list(overrides)
+    given = {parse_override(item)[0] for item in overrides}
+    for key, (other, cleared) in REPLACES.items():
+        if key in given and not any(g == other or g.startswith(other + ".") for g in given):
+            _set(data, other, cleared)
     for item in overrides:
         key, value, raw = parse_override(item)
         _check_key(data, key)

@@ -53,3 +53,11 @@ def step_seed(seed: int, step: int) -> int:
     x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
     x ^= x >> 12
     return x & 0x7FFFFFFF
+
+
+def stage_seed(seed: int, pp_rank: int) -> int:
+    """The seed of pipeline stage ``pp_rank`` (Megatron-LM's ``_set_random_seed``:
+    ``seed + 100 * pp_rank``): stages draw different weights, while the tensor- and
+    data-parallel ranks of one stage share it, so data-parallel replicas start identical
+    (Megatron-Core's CPU initialisation draws a whole weight and keeps this rank's slice)."""
+    return seed + 100 * pp_rank

@@ -14,6 +14,7 @@ from mbridge.specs import ModelSpec, ParallelSpec, check_model_fits
 from mbridge.train import schedule as lr_schedule
 from mbridge.train.config import ConfigError, RunConfig
 from mbridge.train.sampling import num_microbatches
+from mbridge.train.split import split_shares
 from mbridge.train.step import StepConfig
 
 
@@ -53,6 +54,7 @@ def check_sections(cfg: RunConfig) -> None:
     _check(t.train_iters > 0, f"train.train_iters={t.train_iters} must be positive")
     _check(m.seq_length > 0, f"model.seq_length={m.seq_length} must be positive")
     _check(t.eval_iters >= 0, f"train.eval_iters={t.eval_iters} must be >= 0")
+    _check(0 <= cfg.rng.seed < 2**31, f"rng.seed={cfg.rng.seed} must be in [0, 2**31)")
     _check(cfg.logging.log_interval > 0,
            f"logging.log_interval={cfg.logging.log_interval} must be positive")
     _check(d.mock != bool(d.blend), "set data.mock=true or give data.blend (indexed dataset "
@@ -69,6 +71,7 @@ def check_sections(cfg: RunConfig) -> None:
     _check(m.compiled_cross_entropy is not True or m.tensor_model_parallel_size == 1,
            "model.compiled_cross_entropy=true needs model.tensor_model_parallel_size=1 (larger "
            "TP keeps Megatron-Core's vocab-parallel cross entropy)")
+    split_shares(d.split)
     lr_schedule.from_config(cfg)
 
 

@@ -116,3 +116,40 @@ def test_stream_writer_files_read_back(tmp_path):
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
     with pytest.raises(ValueError, match="expected a"):
         HFStreamWriter(tmp_path / "x", entries).add("c", tensors["c"])
+
+
+def test_hf_writer_writes_what_safetensors_writes(tmp_path):
+    """HFWriter writes header and bytes itself (no copy to ``bytes`` per tensor): the file is
+    byte for byte ``safetensors.torch.save_file``'s for tensors given in its order (one dtype,
+    sorted names), and reads back exactly for mixed dtypes, views and empty tensors."""
+    from safetensors.torch import save_file
+
+    from mbridge.io.hf import HFWriter
+
+    gen = torch.Generator().manual_seed(1)
+    same = {k: torch.randn(4, 3, generator=gen).bfloat16() for k in ("a.w", "b", "c.x.y")}
+    save_file(same, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "one").mkdir()
+    writer = HFWriter(tmp_path / "one")
+    for k, v in same.items():
+        writer.add(k, v)
+    writer.finish()
+    assert (tmp_path / "one/model.safetensors").read_bytes() == \
+        (tmp_path / "ref.safetensors").read_bytes()
+
+    base = torch.randn(6, 4, generator=gen)
+    mixed = {"f32": base, "view": base.t(), "half": base[::2].half(), "i64": torch.arange(5),
+             "flag": torch.tensor([True, False]), "none": torch.zeros(0, 3).bfloat16()}
+    (tmp_path / "two").mkdir()
+    writer = HFWriter(tmp_path / "two", shard_bytes=100)
+    for k, v in mixed.items():
+        writer.add(k, v)
+    writer.finish()
+    back = {}
+    for f in sorted((tmp_path / "two").glob("*.safetensors")):
+        back.update(load_file(f))
+    assert len(list((tmp_path / "two").glob("*.safetensors"))) > 1
+    assert back.keys() == mixed.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in mixed.items())
+    with pytest.raises(ValueError, match="cannot be stored"):
+        HFWriter(tmp_path / "two").add("c", torch.zeros(2, dtype=torch.complex64))

@@ -68,8 +68,9 @@ def test_recipes_plan(name, world):
     (["model.tensor_model_parallel_size=2"], 3, "world size 3 is not divisible"),
     (["model.pipeline_model_parallel_size=2", "model.virtual_pipeline_model_parallel_size=2",
       "train.global_batch_size=2"], 2, "at least pipeline_model_parallel_size"),
-    (["data.blend=[x]"], 1, "data.mock=true or give data.blend"),
-    (["model.hf_path=/x"], 1, "exactly one of model.hf_path"),
+    (["data.blend=[x]", "data.mock=true"], 1, "data.mock=true or give data.blend"),
+    (["model.hf_path=/x", "model.spec.num_layers=2"], 1,
+     "exactly one of model.hf_path"),
     (["checkpoint.save_interval=5"], 1, "needs checkpoint.save"),
     (["model.sequence_parallel=true"], 1, "sequence_parallel needs"),
     (["train.train_iters=0"], 1, "train_iters=0 must be positive"),
@@ -173,9 +174,9 @@ def test_cli_reports_bad_config_with_exit_code_2(tmp_path):
         [sys.executable, "-m", "mbridge.train", "--recipe", "tiny_llama_pretrain",
          "optimizer.lrr=1"], capture_output=True, text=True).stderr
     shown = subprocess.run([sys.executable, "-m", "mbridge.train", "--recipe",
-                            "tiny_llama_pretrain", "train.train_iters=3", "--print-config"],
+                            "tiny_llama_pretrain", "train.train_iters=4", "--print-config"],
                            capture_output=True, text=True, timeout=120)
-    assert config.from_text(shown.stdout).train.train_iters == 3
+    assert config.from_text(shown.stdout).train.train_iters == 4
 
 
 def test_wandb_asked_for_but_missing_fails_before_training():

@@ -97,6 +97,18 @@ def test_retention_keeps_the_newest(steps, keep):
         assert kept == sorted(steps)[-max(keep, 1):] if steps else kept == []
 
 
+@given(steps=st.sets(st.integers(1, 100), max_size=20), keep=st.integers(1, 25),
+       current=st.integers(1, 100))
+def test_retention_never_deletes_the_checkpoint_just_written(steps, keep, current):
+    """Issue 16, finding 5: a run saving step ``current`` into a directory that holds higher
+    steps deleted its own new checkpoint (and the tracker named it)."""
+    steps = steps | {current}
+    gone = set(cadence.to_delete(steps, keep, current=current))
+    assert current not in gone and not any(s > current for s in gone)
+    older = sorted(s for s in steps if s <= current)
+    assert sorted(set(older) - gone) == older[-keep:]
+
+
 def test_checkpoint_names_round_trip():
     names = [cadence.checkpoint_name(s) for s in (20, 5, 1000)] + ["other", "iter_12", ".tmp"]
     assert cadence.checkpoint_steps(names) == (5, 20, 1000)
