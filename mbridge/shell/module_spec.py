@@ -1,7 +1,7 @@
 """Read and edit Megatron-Core layer specs the same way on every supported release.
 
 A layer spec's entries are ``ModuleSpec(module=..., submodules=...)`` in Megatron-Core 0.16;
-from 0.17 the MLP entry of ``get_gpt_layer_local_spec`` / ``get_gpt_decoder_block_spec`` is a
+from 0.18 the MLP entry of ``get_gpt_layer_local_spec`` / ``get_gpt_decoder_block_spec`` is a
 builder instead, ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``
 or ``partial(MoELayer, submodules=MoESubmodules(...))`` (``models/gpt/gpt_layer_specs.py``,
 ``models/gpt/moe_module_specs.py``). These two functions answer "what does it build" and
