@@ -1,4 +1,4 @@
-"""Let Megatron-Core (0.16 to 0.19) run on a machine without CUDA.
+"""Let Megatron-Core (0.16.1 and 0.19.2, the releases CI tests) run on a machine without CUDA.
 
 Applied by ``apply()`` only when ``torch.cuda.is_available()`` is False; with CUDA present it
 does nothing. It bridges exactly these CUDA-only calls:
