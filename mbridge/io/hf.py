@@ -10,6 +10,7 @@ directory that looks finished).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import mmap
 import os
@@ -282,13 +283,55 @@ def write_tensor(file, tensor: torch.Tensor) -> None:
         file.write(memoryview(data.view(torch.uint8).numpy()))
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (Linux writes at most 2 GiB per call)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], workers: int | None = None) -> None:
+    """Write ``tensors`` as one safetensors file: the header, then every tensor's bytes at its
+    offset, by ``workers`` threads at once (``os.pwrite`` releases the GIL, so the kernel's
+    copies into the page cache run on every core; default: the CPUs this process may use, at
+    most 4). Each tensor is made contiguous on the CPU only while it is written."""
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    head = header(entries)
+    offsets, at = [], len(head)
+    for _, shape, dtype in entries:
+        offsets.append(at)
+        at += nbytes(shape, dtype)
+    workers = workers or min(4, len(os.sched_getaffinity(0)))
+
+    def put(item):
+        tensor, offset = item
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if data.numel():
+            _pwrite_all(fd, memoryview(data.view(torch.uint8).numpy()), offset)
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.ftruncate(fd, at)
+        _pwrite_all(fd, memoryview(head), 0)
+        items = list(zip(tensors.values(), offsets))
+        if workers > 1 and len(items) > 1:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                list(pool.map(put, items))
+        else:
+            for item in items:
+                put(item)
+    finally:
+        os.close(fd)
+
+
 def _size_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 class HFWriter:
     """Collects tensors into safetensors shards of at most ``shard_bytes`` each inside
-    ``directory``; ``finish()`` names the shards and writes the index."""
+    ``directory``; ``finish()`` names the shards and writes the index. Tensors are held as
+    given until their shard is written: do not change them before ``finish()``."""
 
     def __init__(self, directory: Path, shard_bytes: int = 5 * 2**30):
         self.dir = Path(directory)
@@ -304,7 +347,9 @@ class HFWriter:
             self._flush()
         if tensor.dtype not in DTYPES:
             raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        # held as given (a view of a live parameter costs nothing); each is made contiguous
+        # on the CPU only while its bytes are written, so at most one such copy is alive
+        self._pending[name] = tensor.detach()
         self._pending_bytes += size
         self.total_bytes += size
 
@@ -312,11 +357,8 @@ class HFWriter:
         if not self._pending:
             return
         tmp = f"shard-{len(self._written):05d}.tmp"
-        entries = [(k, tuple(v.shape), v.dtype) for k, v in self._pending.items()]
-        with writing(self.dir / tmp), open(self.dir / tmp, "wb") as f:
-            f.write(header(entries))
-            for tensor in self._pending.values():
-                write_tensor(f, tensor)
+        with writing(self.dir / tmp):
+            write_file(self.dir / tmp, self._pending)
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -88,7 +88,8 @@ def unshard(shards: Sequence[torch.Tensor], layout: Layout) -> torch.Tensor:
     if layout.dim is None:
         return shards[0]
     per_rank = [s.chunk(layout.parts, layout.dim) for s in shards]
-    full = torch.cat([p[k] for k in range(layout.parts) for p in per_rank], layout.dim)
+    pieces = [p[k] for k in range(layout.parts) for p in per_rank]
+    full = pieces[0] if len(pieces) == 1 else torch.cat(pieces, layout.dim)  # one: no copy
     if layout.vocab_size is not None:
         full = full.narrow(layout.dim, 0, layout.vocab_size)
     return full.contiguous()
