@@ -117,6 +117,8 @@ class AutoBridge:
         inputs = [self._source(), self._side_files()]
         # every rank checks (the same files), so all refuse before the collective export
         check_output(path, inputs=inputs, overwrite=overwrite)
+        if tdist.is_initialized():  # all have checked before rank 0 creates path: at TP=1 the
+            tdist.barrier()         # export needs no collective, so rank 0 can finish first
         if not writer_rank:
             for _ in self.export_hf_weights(model):
                 pass
