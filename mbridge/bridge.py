@@ -19,16 +19,20 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
+from safetensors.torch import load_file, save_file
 
 from mbridge import config as mconfig
+from mbridge import peft
 from mbridge.architectures import registry
 from mbridge.io.hf import HFWriter, copy_side_files, parse_size
 from mbridge.io.output import atomic_dir, check_output
 from mbridge.sharding.plan import stage_layer_counts
+from mbridge.shell import adapters as shell_adapters
 from mbridge.shell import convert, dist
 from mbridge.shell import model as mmodel
 from mbridge.shell.weights import HFWeights, McoreWeights, Weights, open_hf, open_mcore_weights
@@ -107,11 +111,18 @@ class AutoBridge:
             yield name, tensor.cpu() if cpu else tensor
 
     def save_hf_pretrained(self, model: list, path: str | os.PathLike, *,
-                           shard_size: int | str = "5GB", overwrite: bool = False) -> None:
+                           shard_size: int | str = "5GB", overwrite: bool = False,
+                           merge_adapters: bool = False) -> None:
         """Write config.json, sharded safetensors with index, and the source's tokenizer and
         generation files. Every rank must call it; global rank 0 writes, atomically. An
         existing ``path`` is replaced only with ``overwrite=True``, and never when it is, holds
-        or lies inside the checkpoint the weights came from (``mbridge.io.output``)."""
+        or lies inside the checkpoint the weights came from (``mbridge.io.output``).
+        ``merge_adapters``: write the weights with the model's LoRA/DoRA adapters merged in
+        (the live model keeps its weights and adapters)."""
+        if merge_adapters:
+            with shell_adapters.merged(model):
+                return self.save_hf_pretrained(model, path, shard_size=shard_size,
+                                               overwrite=overwrite)
         writer_rank = not tdist.is_initialized() or tdist.get_rank() == 0
         shard_bytes = parse_size(shard_size)
         inputs = [self._source(), self._side_files()]
@@ -133,6 +144,52 @@ class AutoBridge:
             copy_side_files(self._side_files(), tmp)
         if tdist.is_initialized():
             tdist.barrier()
+
+    def save_hf_adapter(self, model: list, path: str | os.PathLike, *,
+                        overwrite: bool = False) -> None:
+        """Write the model's adapters as Hugging Face peft does (``adapter_config.json`` and
+        ``adapter_model.safetensors``, DoRA magnitudes included), gathered from any layout.
+        Every rank must call it; global rank 0 writes, atomically (an existing ``path`` is
+        replaced only with ``overwrite=True``)."""
+        inputs = [self._source(), self._side_files()]
+        check_output(path, inputs=inputs, overwrite=overwrite)
+        adapter = shell_adapters.spec_of(model)
+        if adapter is None:
+            raise ValueError("the model has no adapters; provide it with pre_wrap_hook=LoRA(...) "
+                             "or load_hf_adapter first")
+        tensors = {k: v.cpu() for k, v in shell_adapters.iter_adapter(model, adapter, self.spec)}
+        if not tdist.is_initialized() or tdist.get_rank() == 0:
+            base = str(self.checkpoint.path) if self.checkpoint is not None else None
+            with atomic_dir(path, inputs=inputs, overwrite=overwrite) as tmp:
+                save_file(tensors, tmp / peft.WEIGHTS, metadata={"format": "pt"})
+                (tmp / peft.CONFIG).write_text(
+                    json.dumps(peft.peft_config(adapter, self.spec, base), indent=2) + "\n")
+        if tdist.is_initialized():
+            tdist.barrier()
+
+    def load_hf_adapter(self, model: list, path: str | os.PathLike, seed: int = 0) -> list:
+        """Load a peft LoRA/DoRA adapter directory into the model at its layout, exactly. A
+        model without adapters gets one adapter per projection the file holds (the
+        canonical variant); a model with adapters must hold the same ones. Returns the
+        chunks."""
+        path = Path(path)
+        for name in (peft.CONFIG, peft.WEIGHTS):
+            if not (path / name).is_file():
+                raise ValueError(f"{path} has no {name}; point at a directory peft's "
+                                 "save_pretrained wrote")
+        cfg = json.loads((path / peft.CONFIG).read_text())
+        tree = load_file(path / peft.WEIGHTS)
+        wanted = peft.adapter_from_peft(cfg, tree.keys(), self.spec)
+        have = shell_adapters.spec_of(model)
+        if have is None:
+            model = shell_adapters.apply(model, wanted, self.spec, seed)
+            have = wanted
+        elif (have.scheme, have.dim, have.alpha) != (wanted.scheme, wanted.dim, wanted.alpha):
+            raise ValueError(f"the model's adapters are {have.scheme} dim={have.dim} "
+                             f"alpha={have.alpha}, the file's {wanted.scheme} dim={wanted.dim} "
+                             f"alpha={wanted.alpha}; provide the model with matching adapters")
+        shell_adapters.load_adapter(model, tree, have, self.spec)
+        return model
 
     def _source(self):
         """The checkpoint directory the weights came from, or None."""
@@ -220,6 +277,8 @@ class GPTModelProvider:
                              f"{parallel}")
         hooks = list(self._pre_wrap_hooks)
         hooks += pre_wrap_hook if isinstance(pre_wrap_hook, (list, tuple)) else [pre_wrap_hook]
+        # hooks that need the model's spec (LoRA, DoRA) say so with ``bind``
+        hooks = [h.bind(self.spec) if hasattr(h, "bind") else h for h in hooks]
         weights = self.bridge.weights if self.bridge is not None and load_weights else None
         return mmodel.provide(
             self.spec, parallel, groups, weights=weights, dtype=self.params_dtype,

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                              "at TP=2 on CPU, check logits and tensors, print a report"),
     "convert": ("mbridge.offline_cli", "offline HF <-> Megatron-Core dist checkpoint conversion"),
     "data": ("mbridge.data_cli", "training data: `data preprocess` JSONL -> indexed dataset"),
+    "peft": ("mbridge.peft_cli", "LoRA/DoRA training checkpoint -> Hugging Face peft adapter "
+                                 "(`peft export`) or merged model (`peft merge`)"),
 }
 
 

@@ -125,3 +125,32 @@ def split_index(key: str) -> tuple[str, int | None]:
     ``"x.weight" -> ("x.weight", None)``."""
     match = _INDEXED.match(key)
     return (match.group(1), int(match.group(2))) if match else (key, None)
+
+
+# Adapters (LoRA/DoRA). On the mcore side an adapter is a submodule ``adapter`` of the linear
+# it adapts; a fused linear adapted per projection holds one adapter per part
+# (``linear_qkv.adapter.linear_q.``). On the HF side keys follow peft's saved files
+# (``peft/utils/save_and_load.py``: adapter name removed, ``base_model.model.`` in front).
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_key(module: str, part: str | None, tensor: str) -> str:
+    """``("decoder.layers.0.self_attention.linear_qkv", "linear_q", "linear_in.weight") ->
+    "decoder.layers.0.self_attention.linear_qkv.adapter.linear_q.linear_in.weight"``; ``part``
+    None for an adapter over the whole linear."""
+    return f"{module}.adapter.{part + '.' if part else ''}{tensor}"
+
+
+def peft_key(hf_module: str, tensor: str) -> str:
+    """``("model.layers.0.self_attn.q_proj", "lora_A.weight") ->
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"``"""
+    return f"{PEFT_PREFIX}{hf_module}.{tensor}"
+
+
+def peft_module(key: str) -> tuple[str, str] | None:
+    """Inverse of ``peft_key`` for LoRA tensors: ``(hf module, tensor)`` or None.
+    ``"base_model.model.m.q_proj.lora_A.weight" -> ("m.q_proj", "lora_A.weight")``"""
+    for tensor in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"):
+        if key.startswith(PEFT_PREFIX) and key.endswith("." + tensor):
+            return key[len(PEFT_PREFIX):-len(tensor) - 1], tensor
+    return None

@@ -94,3 +94,16 @@ def hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def sample_ids(vocab: int, batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of Hugging Face peft's ``PeftModel`` on the HF base with the adapter in
+    ``adapter_dir`` (fp32, eager attention): the reference for adapted Megatron models."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager",
+                                                dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        return model(ids).logits

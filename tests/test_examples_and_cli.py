@@ -1,5 +1,6 @@
 """The README's main job, the examples and ``--help`` stay true: each runs here."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,25 @@ def test_demo_main_job(tmp_path):
     assert "39/39 tensors identical PASS" in proc.stdout
     assert proc.stdout.rstrip().endswith("PASS")
     assert (tmp_path / "exported" / "config.json").is_file()
+
+
+def test_peft_help_and_benchmark_smoke():
+    """``mbridge peft --help`` names both actions; the PEFT benchmark's ``--smoke`` mode (a
+    tiny shape on CPU) runs every default smoke variant to a throughput, and the
+    per-projection LoRA trains exactly as many parameters as transformers + peft."""
+    import json
+
+    proc = run("-m", "mbridge", "peft", "--help")
+    assert proc.returncode == 0 and "export" in proc.stdout and "merge" in proc.stdout
+    # a fresh one-rank world, not the one an in-process test of this session started
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "benchmarks/peft_throughput.py", "--smoke"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(env, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in map(json.loads, (
+        line for line in proc.stdout.splitlines() if line.startswith("{")))}
+    assert set(rows) == {"mbridge", "mbridge_canonical", "hf_eager"}
+    assert all(r.get("tokens_per_s", 0) > 0 for r in rows.values()), rows
+    assert rows["mbridge_canonical"]["trainable"] == rows["hf_eager"]["trainable"]

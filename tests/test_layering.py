@@ -1,7 +1,7 @@
 """The layering of ``mbridge/``, checked on the import graph built from the source (every
 ``import``, at module level or inside a function):
 
-    keys, specs, rope -> sharding -> mappings -> architectures -> config -> train
+    keys, specs, rope -> sharding -> mappings -> architectures -> adapters -> config -> train
     -> io -> shell -> facade (the package, bridge, offline, verify, testing) -> command lines
 
 Imports point down or sideways within a tier, never up, and the graph has no cycle. The
@@ -20,14 +20,15 @@ TIERS = [
     ("sharding",),
     ("mappings",),
     ("architectures",),
+    ("adapters",),
     ("config",),
     ("train",),
     ("io",),
     ("shell",),
-    ("__init__", "bridge", "offline", "verify", "testing", "training"),
-    ("cli", "offline_cli", "data_cli", "demo", "__main__", "train.__main__"),
+    ("__init__", "bridge", "offline", "verify", "testing", "training", "peft"),
+    ("cli", "offline_cli", "data_cli", "peft_cli", "demo", "__main__", "train.__main__"),
 ]
-PURE_TIERS = 6  # keys .. train
+PURE_TIERS = 7  # keys .. train
 FORBIDDEN = ("torch.distributed", "megatron", "transformers", "mbridge.shell", "mbridge.io",
              "safetensors", "os", "pathlib", "shutil", "subprocess")
 FORBIDDEN_CALLS = {"open", "exec", "eval"}

@@ -36,6 +36,7 @@ from mbridge.train import cadence
 from mbridge.train.state import Progress
 
 OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+ADAPTER = ".adapter."  # in the names of LoRA/DoRA tensors (shell/adapters.py)
 
 
 def latest(directory: str | os.PathLike) -> Path | None:
@@ -128,11 +129,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def sharded_state_dict(runtime, *, loading: bool, optim: bool = True, rng: bool = True) -> dict:
+def sharded_state_dict(runtime, *, loading: bool, optim: bool = True, rng: bool = True,
+                       adapters_only: bool = False) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     modules = unwrap(runtime.model)
     state = {f"model{v}": m.sharded_state_dict() for v, m in enumerate(modules)}
+    if adapters_only:  # LoRA/DoRA: the frozen base comes from model.hf_path again
+        state = {k: {n: t for n, t in sd.items() if ADAPTER in n} for k, sd in state.items()}
     if optim:
         if loading:
             _materialize_adam_state(runtime.optimizer)
@@ -178,8 +182,10 @@ def _restore_adam_step(optimizer, loaded: dict) -> None:
 
 
 def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict, *,
-         hf_config: dict, spec_json: bytes, hf_source=None, keep: int = -1) -> Path:
-    """Write checkpoint ``iter_{progress.step}`` under ``root`` (every rank calls it)."""
+         hf_config: dict, spec_json: bytes, hf_source=None, keep: int = -1,
+         adapters_only: bool = False) -> Path:
+    """Write checkpoint ``iter_{progress.step}`` under ``root`` (every rank calls it);
+    ``adapters_only``: the model's LoRA/DoRA tensors and their optimizer state only."""
     from megatron.core import dist_checkpointing
 
     from mbridge.io.mcore import write_hf_files
@@ -192,7 +198,8 @@ def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     tdist.barrier()
-    state = sharded_state_dict(runtime, loading=False)
+    state = sharded_state_dict(runtime, loading=False, adapters_only=adapters_only)
+    state["adapters_only"] = adapters_only
     state["progress"] = msgspec.to_builtins(progress)
     state["run_config"] = run_config
     state["world_size"] = tdist.get_world_size()
@@ -218,22 +225,34 @@ def _write_tracker(root: Path, step: int) -> None:
     os.replace(tmp, root / TRACKER)
 
 
-def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progress:
-    """Load checkpoint ``path`` into ``runtime`` (every rank calls it); returns its Progress."""
+def load(path: Path, runtime, *, optim: bool = True, rng: bool = True,
+         adapters_only: bool = False) -> Progress:
+    """Load checkpoint ``path`` into ``runtime`` (every rank calls it); returns its Progress.
+    ``adapters_only``: a checkpoint of adapters only, into a model whose base is loaded."""
     from megatron.core import dist_checkpointing
 
     common = common_state(path)
     if "progress" not in common:
         raise CheckpointError(f"{path} is not a training checkpoint (no progress); start "
                               "from it with model.hf_path instead")
+    if bool(common.get("adapters_only", False)) != adapters_only:
+        held = "adapters only" if common.get("adapters_only") else "the whole model"
+        raise CheckpointError(f"{path} holds {held}; set peft.adapters_only_checkpoint="
+                              f"{str(not adapters_only).lower()} to resume from it")
     saved_world = common.get("world_size")
     rng = rng and saved_world in (None, tdist.get_world_size())
-    state = sharded_state_dict(runtime, loading=True, optim=optim, rng=rng)
+    state = sharded_state_dict(runtime, loading=True, optim=optim, rng=rng,
+                               adapters_only=adapters_only)
     try:
         with cuda_as_cpu(), safe_load.megatron_loading(path):
             loaded = dist_checkpointing.load(state, str(path))
             for v, chunk in enumerate(runtime.model):
-                getattr(chunk, "module", chunk).load_state_dict(loaded[f"model{v}"], strict=True)
+                module = getattr(chunk, "module", chunk)
+                missing, unexpected = module.load_state_dict(loaded[f"model{v}"],
+                                                             strict=not adapters_only)
+                if adapters_only and (unexpected or any(ADAPTER in k for k in missing)):
+                    raise CheckpointError(f"{path} does not hold this model's adapters: "
+                                          f"{(unexpected or missing)[:3]}")
             if optim:
                 with torch.no_grad():
                     runtime.optimizer.load_state_dict(loaded["optimizer"])
@@ -247,3 +266,23 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True) -> Progre
     if rng:
         _set_rng_state(loaded["rng_state"])
     return msgspec.convert(loaded["progress"], Progress)
+
+
+def load_adapters(path: Path, chunks: list) -> None:
+    """Load the LoRA/DoRA tensors of a training checkpoint ``path`` into ``chunks``, which
+    hold the same adapters at any layout (the checkpoint's global shapes reshard)."""
+    from megatron.core import dist_checkpointing
+
+    modules = unwrap(chunks)
+    state = {f"model{v}": {n: t for n, t in m.sharded_state_dict().items() if ADAPTER in n}
+             for v, m in enumerate(modules)}
+    try:
+        with cuda_as_cpu():
+            loaded = dist_checkpointing.load(state, str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read the adapters of {path}: {type(e).__name__}: "
+                              f"{e}") from None
+    for v, m in enumerate(modules):
+        _, unexpected = m.load_state_dict(loaded[f"model{v}"], strict=False)
+        if unexpected:
+            raise CheckpointError(f"{path} holds adapters this model lacks: {unexpected[:3]}")

@@ -26,7 +26,7 @@ from mbridge.io.hf import CheckpointError
 from mbridge.shell import checkpoint, data, dist, weights
 from mbridge.shell.logger import TrainLogger, check_wandb
 from mbridge.train import cadence
-from mbridge.train.config import ConfigError, RunConfig
+from mbridge.train.config import ConfigError, RunConfig, adapter_spec
 from mbridge.train.plan import RunPlan, check_sections, parallel_spec, plan_run
 from mbridge.train.state import TrainState
 from mbridge.train.step import Metrics, step
@@ -130,17 +130,23 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     plan, resume = checked.plan, checked.resume
     check_backend(cfg)
     check_wandb(cfg)
+    peft = None if cfg.peft is None else adapter_spec(cfg.peft)
+    adapters_only = peft is not None and cfg.peft.adapters_only_checkpoint
+    if adapters_only and source is None:
+        raise ConfigError("peft.adapters_only_checkpoint=true needs the base weights from "
+                          "model.hf_path; set it, or peft.adapters_only_checkpoint=false")
     groups = dist.init(plan.parallel, seed=cfg.rng.seed)
     dist.set_random_seed(cfg.rng.seed, groups)  # before the model is built: its weights
     runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
                               ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
                               micro_batch_size=cfg.train.micro_batch_size,
-                              weights=source if resume is None else None)
+                              weights=source if resume is None or adapters_only else None,
+                              peft=peft, seed=cfg.rng.seed)
     state = TrainState(seed=cfg.rng.seed, model=runtime.model, optimizer=runtime.optimizer)
     if resume is not None:
         c = cfg.checkpoint
         state = state.with_progress(checkpoint.load(resume, runtime, optim=c.load_optim,
-                                                    rng=c.load_rng))
+                                                    rng=c.load_rng, adapters_only=adapters_only))
     train_ds, valid_ds = data.build(cfg, spec.vocab_size)
     dp_rank = groups.dp_rank
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -150,7 +156,8 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
         log.note(f"resumed from {resume} at step {state.step}")
     train_step = functools.partial(step, runtime=runtime, config=plan.step)
     save = functools.partial(_save, cfg, runtime, hf_config=hf_config,
-                             spec_json=spec.to_json(), hf_source=hf_source)
+                             spec_json=spec.to_json(), hf_source=hf_source,
+                             adapters_only=adapters_only)
     stop = _StopSignal()
     try:
         reason = cadence.stop_reason(state.step, cfg.train.train_iters)
@@ -185,7 +192,8 @@ def _eval_and_save(cfg, plan, runtime, valid_ds, dp_rank, state, log, save, *, l
         log.note(f"saved checkpoint {path}")
 
 
-def _save(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json, hf_source):
+def _save(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json, hf_source,
+          adapters_only=False):
     return checkpoint.save(cfg.checkpoint.save, runtime, state.progress(), cfg.to_dict(),
                            hf_config=hf_config, spec_json=spec_json, hf_source=hf_source,
-                           keep=cfg.checkpoint.most_recent_k)
+                           keep=cfg.checkpoint.most_recent_k, adapters_only=adapters_only)

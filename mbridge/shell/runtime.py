@@ -18,6 +18,8 @@ from functools import partial
 import torch
 import torch.distributed as tdist
 
+from mbridge.adapters.spec import AdapterSpec
+from mbridge.shell import adapters
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.dist import Groups
 from mbridge.shell.model import provide
@@ -51,11 +53,14 @@ class MegatronRuntime:
 
     def __init__(self, spec: ModelSpec, plan: RunPlan, groups: Groups, *, model: ModelConfig,
                  optimizer: OptimizerConfig, ddp: ParallelConfig, mixed_precision: str,
-                 micro_batch_size: int, weights=None):
+                 micro_batch_size: int, weights=None, peft: AdapterSpec | None = None,
+                 seed: int = 0):
         """Build the model on ``groups`` at ``plan.parallel`` (weights loaded from ``weights``,
         a ``shell.weights`` source, or random init) and its optimizer. Takes the run config's
         ``model``, ``optimizer`` and ``parallel`` (DDP) sections, ``mixed_precision`` and
-        ``train.micro_batch_size``: nothing else of it."""
+        ``train.micro_batch_size``: nothing else of it. ``peft``: LoRA/DoRA adapters added
+        before DDP wrapping (drawn from ``seed``); the base is frozen, so DDP and the
+        optimizer hold the adapters only."""
         self.spec, self.plan, self.groups = spec, plan, groups
         self.model_cfg, self.optim_cfg, self.ddp_cfg = model, optimizer, ddp
         self.micro_batch_size = micro_batch_size
@@ -64,9 +69,12 @@ class MegatronRuntime:
         extra = dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
                      hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
                      sequence_parallel=m.sequence_parallel, **_p2p_settings(plan))
+        hook = None if peft is None else partial(adapters.apply, adapter=peft, spec=spec,
+                                                 seed=seed)
+        self.peft = peft
         self.model = provide(spec, plan.parallel, groups, weights=weights, dtype=dtype,
                              config_extra=extra, wrap_with_ddp=True,
-                             ddp_config=self._ddp_config())
+                             ddp_config=self._ddp_config(), pre_wrap_hook=hook)
         self._speed_up(m)
         self.config = self.model[0].config
         self._bind_sync_funcs()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from mbridge.adapters.spec import FUSED_TARGETS, AdapterSpec
 from mbridge.specs import ModelSpec
 
 
@@ -143,6 +144,35 @@ class LoggingConfig(Section, frozen=True, kw_only=True):
     peak_tflops: float | None = None  # per device, for MFU; default: known GPU or none
 
 
+class PeftConfig(Section, frozen=True, kw_only=True):
+    """LoRA/DoRA fine-tuning (``mbridge.adapters.AdapterSpec``'s fields, Megatron-Bridge's
+    names): the base is frozen, the optimizer holds the adapters only, and with
+    ``adapters_only_checkpoint`` checkpoints hold only the adapters and their optimizer
+    state (resume loads the base from ``model.hf_path`` again). ``alpha`` None: 32 for
+    LoRA, 64 for DoRA."""
+
+    scheme: Literal["lora", "dora"] = "lora"
+    dim: int = 32
+    alpha: float | None = None
+    dropout: float = 0.0
+    dropout_position: Literal["pre", "post"] = "pre"
+    target_modules: tuple[str, ...] = FUSED_TARGETS
+    exclude_modules: tuple[str, ...] = ()
+    adapters_only_checkpoint: bool = True
+
+
+def adapter_spec(peft: PeftConfig) -> AdapterSpec:
+    """The ``AdapterSpec`` a ``peft`` section asks for (ConfigError naming a bad value)."""
+    alpha = peft.alpha if peft.alpha is not None else (64.0 if peft.scheme == "dora" else 32.0)
+    try:
+        return AdapterSpec(scheme=peft.scheme, dim=peft.dim, alpha=alpha, dropout=peft.dropout,
+                           dropout_position=peft.dropout_position,
+                           target_modules=peft.target_modules,
+                           exclude_modules=peft.exclude_modules)
+    except ValueError as e:
+        raise ConfigError(f"peft: {e}") from None
+
+
 class RNGConfig(Section, frozen=True, kw_only=True):
     seed: int = 1234
 
@@ -159,6 +189,7 @@ class RunConfig(Section, frozen=True, kw_only=True):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     rng: RNGConfig = RNGConfig()
+    peft: PeftConfig | None = None  # LoRA/DoRA fine-tuning; None: train every weight
     mixed_precision: Literal["fp32", "bf16_mixed", "fp16_mixed"] = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,4 +304,7 @@ def apply_overrides(config: RunConfig, overrides: Iterable[str]) -> RunConfig:
             except msgspec.ValidationError:
                 raise ConfigError(f"bad value in override {item!r}: {_readable(str(e))}") \
                     from None
+        # an optional section just set (``peft.scheme=lora``) gets its defaults, so the
+        # next override can name its other keys
+        data = from_dict(data).to_dict()
     return from_dict(data)
