@@ -44,8 +44,6 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from mbridge import AutoBridge
     from mbridge.io.hf import CheckpointError
     from mbridge.shell import adapters, checkpoint
@@ -59,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                 return _fail(f"{args.checkpoint} holds no checkpoint; point --checkpoint at a "
                              "training save directory")
         checkpoint.check_readable(path)
-        common = torch.load(path / "common.pt", map_location="cpu", weights_only=False)
+        common = checkpoint.common_state(path)  # common.pt (0.16) or in the .distcp (0.19)
         cfg = from_dict(common.get("run_config") or {})
         if cfg.peft is None:
             return _fail(f"{path} is not a LoRA/DoRA checkpoint (its run config has no peft "

@@ -20,6 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def user_env(**extra: str) -> dict:
+    """This process's environment as a user's shell would pass it to a launch: without the
+    group-of-one rendezvous variables ``shell/dist.start`` sets in ``os.environ`` when a test
+    starts torch.distributed in-process. Inherited, they make a plain ``python`` child rank 0
+    of a store on the port this process still listens on (EADDRINUSE)."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return {**env, **extra}
+
+
 def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -> list[dict]:
     """Launch ``script`` on ``nproc`` ranks; return the parsed ``RESULT`` lines, rank order.
     Fails the calling test with the full output if any rank fails."""
@@ -52,7 +64,7 @@ def train_cli(*args: str, nproc: int = 1, cwd: str | Path | None = None, timeout
     """Launch ``python -m mbridge.train ARGS`` as a user would: a plain ``python`` process
     for one rank, ``torchrun --nproc-per-node N`` for more. With ``check`` a non-zero exit
     fails the calling test with the output; a run past ``timeout`` fails it too (a hang)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = user_env(OMP_NUM_THREADS="1")
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         f"--master-port={free_port()}", "--master-addr=127.0.0.1"]

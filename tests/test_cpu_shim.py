@@ -12,6 +12,8 @@ def test_shim_bridges_cuda_only_calls():
 
     assert torch.cuda.current_device() == "cpu"
     torch.cuda.synchronize()
+    stream = torch.cuda.current_stream()  # what the gradient sync waits on (0.19)
+    stream.wait_stream(stream)
     t = torch.ones(2)
     assert t.cuda() is t
     assert torch.equal(fused_softmax.get_default_causal_mask(3),

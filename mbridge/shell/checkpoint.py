@@ -6,6 +6,7 @@ Layout (Megatron-LM's), under ``checkpoint.save``::
     latest_checkpointed_iteration.txt    the newest complete step, written last
     iter_0000010/                        dist_checkpointing.save of
         {"model0".., "optimizer", "rng_state", "progress", "run_config"}
+        (0.16: the last two in common.pt; 0.19: inside the .distcp files, ``common_state``)
         hf/config.json, mbridge.json     so `mbridge convert export --mcore DIR` needs nothing else
 
 Model keys are ``GPTModel.sharded_state_dict()``'s, one ``model{v}`` entry per virtual
@@ -80,7 +81,7 @@ def check_readable(path: Path) -> None:
     """The files of a Megatron-Core dist checkpoint are there and its metadata parses."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    for name in ("metadata.json", "common.pt", ".metadata"):
+    for name in ("metadata.json", ".metadata"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete or unreadable: no {name}")
     try:
@@ -88,6 +89,25 @@ def check_readable(path: Path) -> None:
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
     McoreReader(path)  # every pickle read with an allow-list: nothing in it runs
+
+
+def common_state(path: Path) -> dict:
+    """The checkpoint's non-sharded entries (progress, run config, world size). Megatron-Core
+    0.16 writes them to ``common.pt``; from 0.19 they are one ``common_state`` object inside
+    the torch_dist files, which ``load_common_state_dict`` reads (``weights_only``, and under
+    ``safe_load.megatron_loading``; ``dist_checkpointing/serialization.py``). Either release
+    reads a ``common.pt``."""
+    if (path / safe_load.COMMON).is_file():
+        return safe_load.load_torch(path / safe_load.COMMON, path / safe_load.COMMON)
+    from megatron.core import dist_checkpointing
+
+    try:
+        with safe_load.megatron_loading(path):
+            return dist_checkpointing.load_common_state_dict(str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
 
 
 def _rng_state() -> dict:
@@ -213,7 +233,7 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True,
     ``adapters_only``: a checkpoint of adapters only, into a model whose base is loaded."""
     from megatron.core import dist_checkpointing
 
-    common = safe_load.load_torch(path / safe_load.COMMON, path / safe_load.COMMON)
+    common = common_state(path)
     if "progress" not in common:
         raise CheckpointError(f"{path} is not a training checkpoint (no progress); start "
                               "from it with model.hf_path instead")

@@ -1,4 +1,4 @@
-"""Let Megatron-Core 0.16 run on a machine without CUDA.
+"""Let Megatron-Core (0.16.1 and 0.19.2, the releases CI tests) run on a machine without CUDA.
 
 Applied by ``apply()`` only when ``torch.cuda.is_available()`` is False; with CUDA present it
 does nothing. It bridges exactly these CUDA-only calls (items 7 and 8 are Transformer
@@ -42,6 +42,10 @@ where Megatron-Core 0.16's router fails its first forward with ``NameError: name
    layers of 128 experts). ``bridge_missing_te`` replaces it there with
    ``foreach_l2_norm``: the same per-tensor norms from ``torch._foreach_norm``, reduced on
    the device.
+10. ``torch.cuda.current_stream()`` -> the CPU's current stream (``torch.cpu.Stream``, whose
+   ``wait_event``/``wait_stream`` do nothing): from Megatron-Core 0.19 the data-parallel
+   gradient sync waits on it for CUDA-graph events before every reduction
+   (``distributed/param_and_grad_buffer.py`` ``start_grad_sync``).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def apply() -> bool:
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: torch.cpu.current_stream()
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)

@@ -37,6 +37,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 
 from mbridge.rope import rope_inv_freq
 from mbridge.shell.fast_layers import SDPAttention
+from mbridge.shell.module_spec import submodules_of
 from mbridge.specs import ModelSpec
 
 TE = False  # no Transformer Engine variant of these layers yet (shell/model.py Builder.te)
@@ -184,7 +185,7 @@ def layer_spec(spec: ModelSpec, attention: str):
     attn.submodules.linear_proj = PostNormRowParallelLinear
     qk = ZeroCenteredRMSNorm if spec.qk_norm else IdentityOp
     attn.submodules.q_layernorm = attn.submodules.k_layernorm = qk
-    sub.mlp.submodules.linear_fc2 = PostNormRowParallelLinear
+    submodules_of(sub.mlp).linear_fc2 = PostNormRowParallelLinear
     return layer
 
 

@@ -25,6 +25,7 @@ from mbridge.architectures import registry
 from mbridge.rope import rope_inv_freq
 from mbridge.sharding.dist_checkpoint import checkpoint_renames
 from mbridge.shell import cpu_shim, dist
+from mbridge.shell.module_spec import built_class, submodules_of
 from mbridge.specs import ModelSpec, ParallelSpec, torch_dtype
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu,
@@ -222,9 +223,10 @@ def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank:
             sub.self_attention.submodules.core_attention = SDPAttention
         # checkpoint names as Transformer Engine's spec writes them (sharding/dist_checkpoint)
         sub.sharded_state_dict_keys_map = checkpoint_renames(
-            sub.mlp.module is MoELayer, cfg.multi_latent_attention)
-        if sub.mlp.module is MoELayer and sub.mlp.submodules.experts.module is SequentialMLP:
-            sub.mlp.submodules.experts.module = GroupedSequentialMLP  # same parameters
+            issubclass(built_class(sub.mlp), MoELayer), cfg.multi_latent_attention)
+        experts = getattr(submodules_of(sub.mlp), "experts", None)
+        if getattr(experts, "module", None) is SequentialMLP:  # a ModuleSpec (0.16's form)
+            experts.module = GroupedSequentialMLP  # same parameters
         layers.append(layer)
     block.layer_specs = layers
     return block

@@ -1,6 +1,7 @@
 """Grouped-GEMM experts. Megatron-Core's grouped experts need CUDA here: the local spec's
-``GroupedMLP`` needs the ``grouped_gemm`` CUDA extension and ``TEGroupedMLP`` needs
-Transformer Engine, so on this CPU machine neither builds (checked below). What mbridge does
+``GroupedMLP`` (Megatron-Core 0.16; removed in 0.17) needs the ``grouped_gemm`` CUDA extension
+and ``TEGroupedMLP`` needs Transformer Engine, so on this CPU machine neither builds (checked
+below). What mbridge does
 differently for them is naming: TEGroupedMLP holds expert ``j``'s tensors as
 ``mlp.experts.linear_fc1.weight{j}`` (TE ``GroupedLinear``); conversion reads such names back
 as SequentialMLP's (``keys.sequential_key``). The test runs import and export through
@@ -22,14 +23,25 @@ from mbridge.specs import ParallelSpec
 
 
 def test_grouped_gemm_cannot_build_without_cuda(moe_dirs):
+    """Megatron-Core 0.16's local spec builds the legacy ``GroupedMLP``, which asserts without
+    the ``grouped_gemm`` extension; 0.17 removed it and the local spec builds
+    ``SequentialMLP`` whatever ``moe_grouped_gemm`` says (``models/backends.py``), whose names
+    conversion reads directly."""
+    from megatron.core.transformer.moe import experts
+
     from mbridge.shell import dist, model
 
     if torch.cuda.is_available():
         pytest.skip("only the CPU machine lacks grouped GEMM kernels")
     spec = config.from_hf_config(HFCheckpoint(moe_dirs["qwen3_moe"]).config)
     dist.init(ParallelSpec())
-    with pytest.raises(AssertionError, match="Grouped GEMM is not available"):
-        model.build_chunks(spec, ParallelSpec(), 0, use_te=False, moe_grouped_gemm=True)
+    if hasattr(experts, "GroupedMLP"):
+        with pytest.raises(AssertionError, match="Grouped GEMM is not available"):
+            model.build_chunks(spec, ParallelSpec(), 0, use_te=False, moe_grouped_gemm=True)
+        return
+    chunk, = model.build_chunks(spec, ParallelSpec(), 0, use_te=False, moe_grouped_gemm=True)
+    built = {type(m).__name__ for m in chunk.modules()} & {"SequentialMLP", "TEGroupedMLP"}
+    assert built == {"SequentialMLP"}
 
 
 class GroupedNames(torch.nn.Module):

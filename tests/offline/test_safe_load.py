@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_util import user_env
 from models import make_hf
 
 from mbridge import AutoBridge, offline
@@ -135,9 +136,7 @@ def test_training_resume_refuses_a_planted_checkpoint(imported, tmp_path):
     plant_metadata(d, tmp_path / "MARKER")
     cmd = [sys.executable, "-m", "mbridge.train", "--recipe", "tiny_llama_pretrain",
            f"checkpoint.load={save}", f"logging.output_dir={tmp_path / 'log'}"]
-    env = {k: v for k, v in os.environ.items()  # not an in-process test's world
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(cmd, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
+    proc = subprocess.run(cmd, env=user_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "would run code" in proc.stderr and "Traceback" not in proc.stderr

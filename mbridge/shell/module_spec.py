@@ -1,0 +1,28 @@
+"""Read and edit Megatron-Core layer specs the same way on every supported release.
+
+A layer spec's entries are ``ModuleSpec(module=..., submodules=...)`` in Megatron-Core 0.16;
+from 0.18 the MLP entry of ``get_gpt_layer_local_spec`` / ``get_gpt_decoder_block_spec`` is a
+builder instead, ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``
+or ``partial(MoELayer, submodules=MoESubmodules(...))`` (``models/gpt/gpt_layer_specs.py``,
+``models/gpt/moe_module_specs.py``). These two functions answer "what does it build" and
+"which submodules" for either form.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+
+def built_class(entry) -> type:
+    """The class a spec entry builds: ``ModuleSpec.module``, a ``partial``'s class, or the
+    class of a bound classmethod builder (``MLP.as_mlp_submodule`` -> ``MLP``)."""
+    target = entry.func if isinstance(entry, partial) else getattr(entry, "module", entry)
+    owner = getattr(target, "__self__", None)
+    return owner if isinstance(owner, type) else target
+
+
+def submodules_of(entry):
+    """The entry's submodules dataclass (edited in place to swap a layer)."""
+    if isinstance(entry, partial):
+        return entry.keywords["submodules"]
+    return entry.submodules
