@@ -79,13 +79,15 @@ def start() -> None:
     """Start torch.distributed if it is not: join torchrun's world, or a group of one."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # plain `python`: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rendezvous = {}
+    if "RANK" not in os.environ:  # plain `python`: a group of one, on a port of its own
+        # given to init_process_group, not written into os.environ: a child this process
+        # launches (a CLI, torchrun) must not inherit a rendezvous on a port held here
+        rendezvous = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, **rendezvous)
     atexit.register(_shutdown)
 
 
