@@ -32,6 +32,7 @@ class SDPAttention(DotProductAttention):
         mask, causal = self._mask(attention_mask, sq, sk, q.device)
         return self._attend(q, k, v, mask, causal)
 
+    @torch.compiler.disable  # a compiled layer calls out here (FlexAttention compiles itself)
     def _packed(self, query, key, value, packed):
         """Packed documents (Megatron-Core's ``thd`` layout: ``[t, np, hn]`` q and
         ``[t, ng, hn]`` k/v, boundaries in ``packed.cu_seqlens_q``): causal attention inside
