@@ -1,7 +1,8 @@
 """Training throughput on one GPU: mbridge on Megatron-Core vs Hugging Face, same run.
 
 Model: Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, ffn 8192, vocab
-128256, tied embeddings), seq 4096, bf16 compute with fp32 master weights, AdamW, gradient
+128256, tied embeddings; ``--shape llama32_3b``: Llama-3.2-3B, hidden 3072, 28 layers, 24
+heads, 8 KV heads, ffn 8192, tied), seq 4096, bf16 compute with fp32 master weights, AdamW, gradient
 clipping at 1.0, random tokens. Prints, per variant and micro batch: step time, tokens/s,
 TFLOP/s, MFU and peak memory. MFU uses
 
@@ -29,6 +30,8 @@ import time
 import torch
 
 LLAMA_1B = dict(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192)
+LLAMA_3B = dict(vocab=128256, hidden=3072, layers=28, heads=24, kv_heads=8, ffn=8192)
+SHAPES = {"llama32_1b": LLAMA_1B, "llama32_3b": LLAMA_3B}
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -64,10 +67,9 @@ def time_steps(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def hf_variant(mb: int, seq: int, compile_: bool):
+def hf_variant(m: dict, mb: int, seq: int, compile_: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = LLAMA_1B
     cfg = LlamaConfig(vocab_size=m["vocab"], hidden_size=m["hidden"], num_hidden_layers=m["layers"],
                       num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
                       intermediate_size=m["ffn"], tie_word_embeddings=True,
@@ -89,7 +91,7 @@ def hf_variant(mb: int, seq: int, compile_: bool):
     return step, lambda: (model, opt)
 
 
-def mbridge_variant(mb: int, seq: int, compile_: bool, fused_ce: bool = False,
+def mbridge_variant(m: dict, mb: int, seq: int, compile_: bool, fused_ce: bool = False,
                     token_ce: bool = False):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -97,7 +99,6 @@ def mbridge_variant(mb: int, seq: int, compile_: bool, fused_ce: bool = False,
 
     from mbridge import GPTModelProvider, ModelSpec
 
-    m = LLAMA_1B
     spec = ModelSpec(architecture="LlamaForCausalLM", vocab_size=m["vocab"],
                      hidden_size=m["hidden"], ffn_hidden_size=m["ffn"], num_layers=m["layers"],
                      num_heads=m["heads"], num_kv_heads=m["kv_heads"],
@@ -148,14 +149,14 @@ def mbridge_variant(mb: int, seq: int, compile_: bool, fused_ce: bool = False,
     return step, (model, opt)
 
 
-def build(variant: str, mb: int, seq: int):
+def build(variant: str, mb: int, seq: int, m: dict = LLAMA_1B):
     """``hf_eager``, ``hf_compile``, ``mbridge`` plus options joined by ``_``: ``compile``
     (each layer under torch.compile), ``fce`` (Megatron-Core's fused cross entropy), ``ce``
     (mbridge's compiled cross entropy)."""
     parts = variant.split("_")
     if parts[0] == "hf":
-        return hf_variant(mb, seq, "compile" in parts)
-    return mbridge_variant(mb, seq, "compile" in parts, fused_ce="fce" in parts,
+        return hf_variant(m, mb, seq, "compile" in parts)
+    return mbridge_variant(m, mb, seq, "compile" in parts, fused_ce="fce" in parts,
                            token_ce="ce" in parts)
 
 
@@ -180,6 +181,7 @@ def main():
     p.add_argument("--variants", default="mbridge,mbridge_compile,hf_eager,hf_compile")
     p.add_argument("--micro-batches", default="1,2,4")
     p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama32_1b")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="also write results here")
@@ -194,12 +196,12 @@ def main():
         for mb in map(int, args.micro_batches.split(",")):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            row = dict(variant=variant, micro_batch=mb, seq=args.seq)
+            row = dict(variant=variant, shape=args.shape, micro_batch=mb, seq=args.seq)
             try:
-                step, keep = build(variant, mb, args.seq)
+                step, keep = build(variant, mb, args.seq, SHAPES[args.shape])
                 dt = time_steps(step, args.steps, args.warmup)
                 tokens = mb * args.seq
-                tflops = flops_per_step(LLAMA_1B, args.seq, tokens) / dt / 1e12
+                tflops = flops_per_step(SHAPES[args.shape], args.seq, tokens) / dt / 1e12
                 row.update(step_s=round(dt, 4), tokens_per_s=round(tokens / dt),
                            tflops=round(tflops, 1), mfu=round(tflops / peak, 3),
                            peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
@@ -220,7 +222,7 @@ def main():
     if args.profile:
         variant, mb = args.profile.split(":")
         try:
-            step, keep = build(variant, int(mb), args.seq)
+            step, keep = build(variant, int(mb), args.seq, SHAPES[args.shape])
             profile(step, variant)
         except torch.OutOfMemoryError:
             print(f"profile of {args.profile}: out of memory")
