@@ -2,13 +2,16 @@
 #   make demo         tiny random HF Llama -> Megatron-Core at TP=2 (2 CPU processes) -> HF, checked
 #   make test         the test suite on Python 3.11, megatron-core 0.16.1 (.venv)
 #   make test-newest  the test suite on Python 3.12, the newest megatron-core (.venv312)
-#   make test-all     both legs (what CI runs, via .ci/run)
+#   make test-all     both legs, one after the other (what CI runs: .ci/run)
 PY ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 MCORE ?= megatron-core==0.16.1
-# The newest leg: megatron-core 0.17+ ships wheels for Python 3.12+ only. PyPI's Linux torch
-# is its CUDA build (the CUDA libraries are separate wheels; it runs on the CPU as well).
+# The newest leg: megatron-core 0.17+ ships wheels for Python 3.12+ only. Its torch is PyPI's
+# Linux build, the CUDA one (the CUDA libraries are separate wheels; it runs on the CPU as
+# well): no CPU build of torch for cp312 is on hand (the dev machine's wheel mirror holds the
+# cp311 CPU wheel of 2.13.0 only, and download.pytorch.org/whl/cpu is not reachable from it),
+# so the CUDA build is the one tested; `make setup` of .venv312 from nothing took 2m11s there.
 PY_NEWEST ?= $(or $(shell pyenv prefix 3.12 2>/dev/null | sed 's|$$|/bin/python3.12|'),python3.12)
 TORCH_NEWEST ?= torch==2.14.1
 MCORE_NEWEST ?= megatron-core==0.19.2

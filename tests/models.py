@@ -83,11 +83,11 @@ def make_hf(name: str, directory: Path, seed: int = 0, dtype=torch.float32, **ov
     return model
 
 
-def hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
+def hf_logits(directory: Path, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager",
-                                                 dtype=torch.float32).eval()
+                                                 dtype=dtype).eval()
     with torch.no_grad():
         return model(ids).logits
 
@@ -96,14 +96,16 @@ def sample_ids(vocab: int, batch: int = 2, seq: int = 12, seed: int = 1) -> torc
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def peft_logits(base_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+def peft_logits(base_dir: Path, adapter_dir: Path, ids: torch.Tensor,
+                dtype=torch.float32) -> torch.Tensor:
     """Logits of Hugging Face peft's ``PeftModel`` on the HF base with the adapter in
-    ``adapter_dir`` (fp32, eager attention): the reference for adapted Megatron models."""
+    ``adapter_dir`` (fp32 unless ``dtype``, eager attention): the reference for adapted
+    Megatron models."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager",
-                                                dtype=torch.float32)
+                                                dtype=dtype)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
         return model(ids).logits

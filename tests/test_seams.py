@@ -9,7 +9,9 @@
   holds, and those are not exported;
 - ``AutoBridge.from_megatron_checkpoint`` loads an offline-converted checkpoint;
 - ``import mbridge`` and opening an AutoBridge patch nothing (the CPU shim is applied only
-  where the shell builds or runs a model).
+  where the shell builds or runs a model);
+- ``dist.init`` of the layout ``parallel_state`` already runs keeps its groups (no new
+  gloo threads per model provided); restarted by anyone else, it starts new ones.
 """
 
 import subprocess
@@ -143,3 +145,31 @@ def test_import_and_autobridge_patch_nothing(dense_models):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "untouched"
+
+
+REINIT = """
+import os
+from megatron.core import parallel_state as ps
+from mbridge.shell import dist
+from mbridge.specs import ParallelSpec
+
+threads = lambda: len(os.listdir("/proc/self/task"))
+first = dist.init(ParallelSpec())
+before = threads()
+again = [dist.init(ParallelSpec(vocab_multiple=m)) for m in (128, 64, 128)]
+print("kept", threads() == before,
+      all(g.collection.tp is first.collection.tp for g in again),
+      [g.parallel.vocab_multiple for g in again])
+ps.destroy_model_parallel()
+fresh = dist.init(ParallelSpec())
+print("restarted", fresh.collection.tp is not first.collection.tp,
+      ps.get_tensor_model_parallel_group() is fresh.collection.tp)
+"""
+
+
+def test_init_of_the_running_layout_keeps_its_groups():
+    out = subprocess.run([sys.executable, "-c", REINIT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2:] == ["kept True True [128, 64, 128]", "restarted True True"]

@@ -25,7 +25,7 @@ from mbridge.architectures import registry
 from mbridge.rope import rope_inv_freq
 from mbridge.sharding.dist_checkpoint import checkpoint_renames
 from mbridge.shell import cpu_shim, dist
-from mbridge.shell.module_spec import built_class, submodules_of
+from mbridge.shell.module_spec import building, built_class, submodules_of
 from mbridge.specs import ModelSpec, ParallelSpec, torch_dtype
 
 _ACTIVATIONS = {"silu": torch.nn.functional.silu,
@@ -224,9 +224,10 @@ def block_spec(cfg, use_te: bool, attention: str, vp_stage: int | None, pp_rank:
         # checkpoint names as Transformer Engine's spec writes them (sharding/dist_checkpoint)
         sub.sharded_state_dict_keys_map = checkpoint_renames(
             issubclass(built_class(sub.mlp), MoELayer), cfg.multi_latent_attention)
-        experts = getattr(submodules_of(sub.mlp), "experts", None)
-        if getattr(experts, "module", None) is SequentialMLP:  # a ModuleSpec (0.16's form)
-            experts.module = GroupedSequentialMLP  # same parameters
+        moe = submodules_of(sub.mlp)
+        experts = getattr(moe, "experts", None)
+        if experts is not None and built_class(experts) is SequentialMLP:
+            moe.experts = building(experts, GroupedSequentialMLP)  # same parameters
         layers.append(layer)
     block.layer_specs = layers
     return block

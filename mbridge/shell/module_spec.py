@@ -4,12 +4,15 @@ A layer spec's entries are ``ModuleSpec(module=..., submodules=...)`` in Megatro
 from 0.18 the MLP entry of ``get_gpt_layer_local_spec`` / ``get_gpt_decoder_block_spec`` is a
 builder instead, ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))``
 or ``partial(MoELayer, submodules=MoESubmodules(...))`` (``models/gpt/gpt_layer_specs.py``,
-``models/gpt/moe_module_specs.py``). These two functions answer "what does it build" and
-"which submodules" for either form.
+``models/gpt/moe_module_specs.py``), and the MoE layer's experts entry is
+``partial(SequentialMLP, submodules=MLPSubmodules(...))`` (``models/backends.py``
+``LocalSpecProvider.grouped_mlp_modules``). These functions answer "what does it build",
+"which submodules" and "the same entry building another class" for either form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 
@@ -26,3 +29,11 @@ def submodules_of(entry):
     if isinstance(entry, partial):
         return entry.keywords["submodules"]
     return entry.submodules
+
+
+def building(entry, cls: type):
+    """A copy of ``entry`` that builds ``cls`` (a subclass taking the same arguments) instead
+    of the class it builds: ``ModuleSpec(module=cls, ...)`` or ``partial(cls, ...)``."""
+    if isinstance(entry, partial):
+        return partial(cls, *entry.args, **entry.keywords)
+    return dataclasses.replace(entry, module=cls)

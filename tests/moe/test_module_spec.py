@@ -1,6 +1,10 @@
 """``shell/module_spec`` reads the layer specs of the installed Megatron-Core: the MLP entry is
 a ``ModuleSpec`` in 0.16 and a ``functools.partial`` builder from 0.18; both answer with the
-class it builds and submodules that, edited, change what is built."""
+class it builds and submodules that, edited, change what is built; ``building`` swaps the
+class of either form (the MoE layer's experts: ``GroupedSequentialMLP`` for
+``SequentialMLP``, on 0.16 and 0.19 alike)."""
+
+from functools import partial
 
 from moe_models import hf_config
 
@@ -28,6 +32,11 @@ def test_dense_and_moe_entries_name_their_class_and_submodules():
     block = model.block_spec(cfg, use_te=False, attention="sdpa", vp_stage=None, pp_rank=0)
     mlps = [built_class(layer.submodules.mlp) for layer in block.layer_specs]
     assert [issubclass(m, MoELayer) for m in mlps] == [True, False, True, True]
+    from mbridge.shell.experts import GroupedSequentialMLP
+
+    experts = [built_class(submodules_of(layer.submodules.mlp).experts)
+               for layer, m in zip(block.layer_specs, mlps) if issubclass(m, MoELayer)]
+    assert experts == [GroupedSequentialMLP] * 3
 
     class Marked(RowParallelLinear):
         pass
@@ -39,3 +48,21 @@ def test_dense_and_moe_entries_name_their_class_and_submodules():
     small = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                               use_cpu_initialization=True)
     assert type(TransformerLayer(small, dense).mlp.linear_fc2) is Marked
+
+
+def test_building_swaps_the_class_of_either_form_and_keeps_its_arguments():
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from mbridge.shell.experts import GroupedSequentialMLP
+    from mbridge.shell.module_spec import building, built_class, submodules_of
+
+    sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    for entry in (ModuleSpec(module=SequentialMLP, submodules=sub, params={"a": 1}),
+                  partial(SequentialMLP, 3, submodules=sub)):
+        swapped = building(entry, GroupedSequentialMLP)
+        assert built_class(swapped) is GroupedSequentialMLP and submodules_of(swapped) is sub
+        assert built_class(entry) is SequentialMLP  # the entry given is left as it was
+    assert building(entry, GroupedSequentialMLP).args == (3,)

@@ -25,8 +25,9 @@ from mbridge.specs import ParallelSpec
 def test_grouped_gemm_cannot_build_without_cuda(moe_dirs):
     """Megatron-Core 0.16's local spec builds the legacy ``GroupedMLP``, which asserts without
     the ``grouped_gemm`` extension; 0.17 removed it and the local spec builds
-    ``SequentialMLP`` whatever ``moe_grouped_gemm`` says (``models/backends.py``), whose names
-    conversion reads directly."""
+    ``SequentialMLP`` whatever ``moe_grouped_gemm`` says (``models/backends.py``), which
+    mbridge swaps for its ``GroupedSequentialMLP`` (SequentialMLP's names, which conversion
+    reads directly)."""
     from megatron.core.transformer.moe import experts
 
     from mbridge.shell import dist, model
@@ -40,8 +41,9 @@ def test_grouped_gemm_cannot_build_without_cuda(moe_dirs):
             model.build_chunks(spec, ParallelSpec(), 0, use_te=False, moe_grouped_gemm=True)
         return
     chunk, = model.build_chunks(spec, ParallelSpec(), 0, use_te=False, moe_grouped_gemm=True)
-    built = {type(m).__name__ for m in chunk.modules()} & {"SequentialMLP", "TEGroupedMLP"}
-    assert built == {"SequentialMLP"}
+    built = {type(m).__name__ for m in chunk.modules()
+             if isinstance(m, experts.SequentialMLP) or type(m).__name__ == "TEGroupedMLP"}
+    assert built == {"GroupedSequentialMLP"}
 
 
 class GroupedNames(torch.nn.Module):
