@@ -24,9 +24,10 @@ base linear's. A rank's gradient of the replicated factor (A of a column-paralle
 and DoRA's magnitude of a row-parallel one) is then only its share, so it passes Megatron-
 Core's ``copy_to_tensor_model_parallel_region`` over the expert-TP group (identity forward,
 all-reduce backward): every expert-TP rank holds the whole gradient, as at expert-TP 1
-(Megatron-Bridge #5634 is this sum missing or over the wrong group). Expert adapters take
-their base weight's ``allreduce`` attribute, so DDP reduces them over the expert
-data-parallel group like the expert weights. The grouped experts
+(Megatron-Bridge #5634 is this sum missing or over the wrong group). Expert adapters are
+marked ``allreduce=False``, so DDP reduces them over the expert data-parallel group at
+every layout (Megatron-Core marks its expert weights so only at EP > 1: at EP=1 with
+expert-TP > TP the data-parallel group would mix different experts' shards). The grouped experts
 (``shell/experts.GroupedSequentialMLP``) run the per-expert loop when an expert has one.
 Adapter tensors are drawn once at their global shape from a seed and the key, then
 sharded, so every layout starts from the same adapter.
@@ -263,8 +264,8 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
         site = SiteAdapter(a, adapter, spec, parts, module.tp_group,
                            explicit=getattr(module, "explicit_expert_comm", False))
         _mark_tensor_parallel(site, lay)
-        for p in site.parameters():  # DDP's expert buckets (expert data-parallel group)
-            p.allreduce = getattr(module.weight, "allreduce", True)
+        for p in site.parameters():  # an expert's: DDP's expert buckets (expert DP group)
+            p.allreduce = not a.site.expert
         module.adapter = site
         module.sharded_state_dict = partial(_sharded_state_dict, module)
         if adapter.scheme == "dora":
