@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 from dist_util import torchrun
 from models import hf_logits, peft_logits, sample_ids
@@ -27,6 +28,7 @@ from peft_cases import HOOKS, perturb, same_files
 from peft_moe import make_moe, peft_made, unfused_peft_logits
 
 from mbridge import AutoBridge
+from mbridge.adapters import selection
 from mbridge.peft import DoRA, LoRA
 from mbridge.shell import forward
 
@@ -110,12 +112,9 @@ def test_experts_only_and_refusals(cases):
     assert {p.allreduce for c in model for n, p in c.named_parameters()
             if p.requires_grad} == {False}
     assert len(trainable) == 2 * 2 * 4  # A and B, 2 MoE layers, 4 experts
-    from mbridge.adapters import sites
-    from mbridge.testing import moe_specs
-
+    mixtral = msgspec.structs.replace(bridge.spec, architecture="MixtralForCausalLM")
     with pytest.raises(NotImplementedError, match="not supported yet"):
-        sites(moe_specs("MixtralForCausalLM").example())
-    assert DoRA().scheme == "dora"
+        selection(DoRA(), mixtral)
 
 
 @pytest.fixture(scope="module")
