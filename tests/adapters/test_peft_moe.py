@@ -157,3 +157,31 @@ def test_expert_tp_gradients(two_ranks):
         for r in two_ranks[f"grads-{hook}"]:
             assert r["same_keys"] and r["expert_keys"] > 0 and r["scale"] > 0, r
             assert r["worst"] < TOL, r
+
+
+PEFT_RUNS = Path(__file__).parents[1] / "train" / "scripts" / "peft_runs.py"
+TRAIN = ("model.make_vocab_size_divisible_by=32;peft.dim=4;peft.alpha=8;"
+         "train.train_iters=6;model.expert_model_parallel_size={ep}")
+
+
+def test_training_changes_only_adapters(cases, tmp_path):
+    """Six steps of LoRA fine-tuning (the run config's ``peft`` section, mock data, DP=2) at
+    EP=1 and EP=2: the exported base weights are bit-identical to the HF checkpoint, every
+    trainable parameter and optimizer element is an adapter's, every B moved off zero, the
+    loss falls, and EP=2 gives EP=1's losses (fp32, 1e-5 relative: summation order) and the
+    same adapters within it."""
+    results = torchrun(PEFT_RUNS, str(tmp_path), str(cases["base"]),
+                       "moe-ep1:" + TRAIN.format(ep=1), "moe-ep2:" + TRAIN.format(ep=2))
+    runs = {(r["run"], r["rank"]): r for r in results}
+    for (run, _), r in runs.items():
+        assert r["base_exact"] and r["only_adapters"] and r["b_nonzero"], (run, r)
+        assert r["losses"][-1] < r["losses"][0], (run, r["losses"])
+    # the distributed optimizer shards over (expert) data parallel: the ranks together hold
+    # each adapter element once (at EP=1 every rank holds all of them)
+    every = runs["moe-ep1", 0]["adapter_numel"]
+    for run in ("moe-ep1", "moe-ep2"):
+        assert sum(runs[run, k]["optimizer_numel"] for k in (0, 1)) == every, run
+    assert runs["moe-ep2", 0]["adapter_numel"] < every  # EP=2: a rank holds its experts'
+    ep1, ep2 = runs["moe-ep1", 0]["losses"], runs["moe-ep2", 0]["losses"]
+    assert len(ep1) == len(ep2) == 6
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(ep1, ep2, strict=True)), (ep1, ep2)
