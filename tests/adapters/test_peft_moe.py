@@ -9,7 +9,8 @@ experts, top-2) on real Megatron-Core (CPU, gloo) against Hugging Face peft (``p
   (EP=1) give peft's logits, re-export bit for bit, merge; adapters peft made load at EP=2
   and give peft's logits; gradients of every adapter at expert-TP=2 equal expert-TP=1's
   (LoRA and DoRA: Megatron-Bridge #5634, expert LoRA gradients wrong at expert-TP > 1);
-- 4 ranks (slow): EP=2 x expert-TP=2.
+- four ranks (slow): EP=2 x expert-TP=2, logits and gradients;
+- six LoRA steps at EP=1 and EP=2 change only the adapters and agree.
 
 Tolerances: logits 1e-5 max abs (fp32 summation order, tests/adapters/test_peft.py);
 gradients 1e-5 of the largest gradient (measured about 1e-6).
@@ -185,3 +186,24 @@ def test_training_changes_only_adapters(cases, tmp_path):
     ep1, ep2 = runs["moe-ep1", 0]["losses"], runs["moe-ep2", 0]["losses"]
     assert len(ep1) == len(ep2) == 6
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(ep1, ep2, strict=True)), (ep1, ep2)
+
+
+@pytest.mark.slow
+def test_four_ranks_ep2_etp2(cases, tmp_path):
+    """EP=2 x expert-TP=2 on four ranks: LoRA and DoRA give peft's logits, re-export bit for
+    bit, merge; their gradients equal EP=1 x expert-TP=1's."""
+    base = str(cases["base"])
+    manifest = [dict(base=base, hook=hook, fresh=str(cases[hook][0]),
+                     adapter=str(cases[hook][1]), layout="ep=2,etp=2", tag=f"{hook}-ep2etp2")
+                for hook in ("lora", "dora")]
+    manifest += [dict(base=base, hook=hook, layouts=["", "ep=2,etp=2"], tag=f"grads-{hook}")
+                 for hook in ("lora", "dora")]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    results = torchrun(SCRIPT, str(tmp_path), str(tmp_path / "manifest.json"), nproc=4)
+    assert len(results) == 4 * len(manifest)
+    for r in results:
+        if r["case"].startswith("grads"):
+            assert r["same_keys"] and r["expert_keys"] > 0 and r["worst"] < TOL, r
+        else:
+            assert r["fresh"] < TOL and r["loaded"] < TOL and r["merged"] < TOL, r
+            assert r["exact"], r
