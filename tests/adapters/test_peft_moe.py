@@ -100,9 +100,10 @@ def test_export_loads_in_stock_peft(tmp_path):
     assert (got - hf_logits(base, ids)).abs().max() > 1e-2
 
 
-def test_experts_only_and_refusals(cases):
+def test_experts_only_and_refusals(cases, tmp_path):
     """``target_modules`` patterns pick experts alone; the router takes no adapter; an MoE
-    architecture whose experts have other names is refused."""
+    architecture whose experts have other names is refused, and so is an adapter peft saved
+    in the stacked-experts form (target_parameters)."""
     base = cases["base"]
     hook = LoRA(dim=2, target_modules=["*.experts.local_experts.*.linear_fc2"])
     bridge, _, model = _provide(base, hook)
@@ -116,6 +117,15 @@ def test_experts_only_and_refusals(cases):
     mixtral = msgspec.structs.replace(bridge.spec, architecture="MixtralForCausalLM")
     with pytest.raises(NotImplementedError, match="not supported yet"):
         selection(DoRA(), mixtral)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    stacked = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=2, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]))
+    stacked.save_pretrained(tmp_path / "stacked")
+    bridge, _, model = _provide(base)
+    with pytest.raises(ValueError, match="target_parameters"):
+        bridge.load_hf_adapter(model, tmp_path / "stacked")
 
 
 @pytest.fixture(scope="module")
