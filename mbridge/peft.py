@@ -98,6 +98,12 @@ def adapter_from_peft(cfg: dict[str, Any], tensor_keys, spec: ModelSpec) -> Adap
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"peft_type={cfg.get('peft_type')!r}; only LORA adapters (LoRA, DoRA) "
                          "are supported")
+    if cfg.get("target_parameters"):
+        raise ValueError(f"the adapter sets target_parameters={cfg['target_parameters']!r}: "
+                         "peft's stacked-experts form (transformers 5's gate_up_proj/down_proj),"
+                         " which mbridge does not read yet; use per-expert adapters "
+                         "(model.layers.{i}.mlp.experts.{e}.gate_proj/up_proj/down_proj, what "
+                         "peft saves for the per-expert model)")
     for name, default in _UNSUPPORTED.items():
         if cfg.get(name, default) not in (default, None, {}, False, "none"):
             raise ValueError(f"the adapter sets {name}={cfg[name]!r}, which mbridge does not "
@@ -114,11 +120,6 @@ def adapter_from_peft(cfg: dict[str, Any], tensor_keys, spec: ModelSpec) -> Adap
                 if len(a.site.parts) > 1 else a.module
             names[a.hf(j)] = full
     unknown = sorted(found - names.keys())
-    if any(m.endswith((".mlp.experts", ".mlp.experts.base_layer")) for m in unknown):
-        raise ValueError(f"the adapter adapts {unknown[:2]}: peft's stacked-experts form "
-                         "(transformers 5's gate_up_proj/down_proj as target_parameters), "
-                         "which mbridge does not read yet; use per-expert adapters "
-                         "(model.layers.{i}.mlp.experts.{e}.gate_proj/up_proj/down_proj)")
     if unknown:
         raise ValueError(f"the adapter adapts {unknown[:3]}, which are not linears mbridge "
                          f"adapts in {spec.architecture} (q/k/v/o, gate/up/down projections"
