@@ -19,11 +19,13 @@ gradients 1e-5 of the largest gradient (measured about 1e-6).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
 import pytest
-from dist_util import torchrun
+from dist_util import torchrun, user_env
 from models import hf_logits, peft_logits, sample_ids
 from peft_cases import HOOKS, perturb, same_files
 from peft_moe import make_moe, peft_made, unfused_peft_logits
@@ -179,11 +181,28 @@ def test_training_changes_only_adapters(cases, tmp_path):
     """Six steps of LoRA fine-tuning (the run config's ``peft`` section, mock data, DP=2) at
     EP=1 and EP=2: the exported base weights are bit-identical to the HF checkpoint, every
     trainable parameter and optimizer element is an adapter's, every B moved off zero, the
-    loss falls, and EP=2 gives EP=1's losses (fp32, 1e-5 relative: summation order) and the
-    same adapters within it."""
+    loss falls, and EP=2 gives EP=1's losses (fp32, 1e-5 relative: summation order). At
+    EP=2, 3 steps + an adapters-only checkpoint + a new launch resuming for 3 give the six
+    steps' losses and adapters bit for bit, and ``mbridge peft export`` of that checkpoint
+    (read at EP=1) gives the live model's adapter file bit for bit."""
+    ckpt = tmp_path / "ckpt"
+    ep2 = TRAIN.format(ep=2)
     results = torchrun(PEFT_RUNS, str(tmp_path), str(cases["base"]),
-                       "moe-ep1:" + TRAIN.format(ep=1), "moe-ep2:" + TRAIN.format(ep=2))
+                       "moe-ep1:" + TRAIN.format(ep=1), "moe-ep2:" + ep2,
+                       f"first-export:{ep2};train.exit_interval=3;checkpoint.save={ckpt}")
+    results += torchrun(PEFT_RUNS, str(tmp_path), str(cases["base"]),
+                        f"resumed:{ep2};checkpoint.load={ckpt}")
     runs = {(r["run"], r["rank"]): r for r in results}
+    for k in (0, 1):
+        straight, first, resumed = (runs[n, k] for n in ("moe-ep2", "first-export", "resumed"))
+        assert first["step"] == 3 and resumed["step"] == 6
+        assert first["losses"] + resumed["losses"] == straight["losses"]
+        assert resumed["adapters"] == straight["adapters"]
+    proc = subprocess.run([sys.executable, "-m", "mbridge", "peft", "export", "--checkpoint",
+                           str(ckpt), "--out", str(tmp_path / "cli")], capture_output=True,
+                          text=True, env=user_env(OMP_NUM_THREADS="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert same_files(tmp_path / "cli", tmp_path / "online-first-export")
     for (run, _), r in runs.items():
         assert r["base_exact"] and r["only_adapters"] and r["b_nonzero"], (run, r)
         assert r["losses"][-1] < r["losses"][0], (run, r["losses"])
