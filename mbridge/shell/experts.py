@@ -15,8 +15,8 @@ biases follow ``MLP.forward``'s unfused path line by line.
 
 Expert linears take no tensor-parallel collective here: Megatron-Core marks an expert's
 linears ``explicit_expert_comm`` when EP or expert-TP > 1 (the dispatcher does the
-communication), and at EP = expert-TP = 1 they have none to do. An expert linear with a
-forward hook (a LoRA/DoRA adapter) runs ``SequentialMLP``'s per-expert loop, which calls it.
+communication), and at EP = expert-TP = 1 they have none to do. Experts with a LoRA/DoRA
+adapter run ``SequentialMLP``'s per-expert loop, which calls each linear and so its hook.
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ class GroupedSequentialMLP(SequentialMLP):
         return out, None
 
     def _hooked(self) -> bool:
-        """Whether an expert linear has a forward hook (an adapter: ``shell/adapters.py``),
-        which only the per-expert loop runs."""
-        return any(m._forward_hooks or m._forward_pre_hooks for e in self.local_experts
+        """Whether an expert linear carries an adapter (``shell/adapters.py``: a submodule
+        ``adapter`` and a forward hook), which only the per-expert loop runs. Other hooks
+        (DDP's forward pre-hooks with ``overlap_param_gather``) keep the grouped path."""
+        return any("adapter" in m._modules for e in self.local_experts
                    for m in (e.linear_fc1, e.linear_fc2))
 
     def _activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
