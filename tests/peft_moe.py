@@ -1,4 +1,5 @@
-"""The Hugging Face peft references for adapters on mixture-of-experts experts (Qwen3-MoE).
+"""The Hugging Face peft references for adapters on mixture-of-experts experts (Qwen3-MoE,
+Qwen2-MoE).
 
 transformers 5 stacks a layer's experts in two 3-D parameters (``mlp.experts.gate_up_proj``
 ``[experts, 2 * ffn, hidden]``, ``down_proj``); peft 0.21 adapts those only as
@@ -27,22 +28,26 @@ from moe.moe_models import make_hf
 MOE_OVERRIDES = dict(num_experts=4, mlp_only_layers=[1], num_hidden_layers=3)
 
 
-def make_moe(directory: Path, **overrides) -> Path:
-    make_hf("qwen3_moe", directory, **{**MOE_OVERRIDES, **overrides})
+def make_moe(directory: Path, name: str = "qwen3_moe", **overrides) -> Path:
+    """A tiny ``qwen3_moe`` (or ``qwen2_moe``: a shared expert with its gate) saved to
+    ``directory`` (``moe/moe_models.py``, with ``MOE_OVERRIDES``)."""
+    make_hf(name, directory, **{**MOE_OVERRIDES, **overrides})
     return directory
 
 
 class Unfused(torch.nn.ModuleList):
-    """transformers 4's Qwen3-MoE experts: one ``Qwen3MoeMLP`` per expert, holding a copy of
-    the stacked weights; ``forward`` as ``Qwen3MoeExperts.forward`` (each token's top-k
-    experts, weighted, summed)."""
+    """transformers 4's Qwen2/Qwen3-MoE experts: one ``Qwen3MoeMLP`` (``Qwen2MoeMLP``) per
+    expert, holding a copy of the stacked weights; ``forward`` as ``Qwen3MoeExperts.forward``
+    (each token's top-k experts, weighted, summed)."""
 
     def __init__(self, stacked, config):
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
+        import sys
 
+        mlp_class = getattr(sys.modules[type(stacked).__module__],
+                            type(stacked).__name__.replace("Experts", "MLP"))
         super().__init__()
         for e in range(stacked.num_experts):
-            mlp = Qwen3MoeMLP(config, intermediate_size=stacked.intermediate_dim)
+            mlp = mlp_class(config, intermediate_size=stacked.intermediate_dim)
             gate, up = stacked.gate_up_proj.data[e].chunk(2, 0)
             with torch.no_grad():
                 mlp.gate_proj.weight.copy_(gate)
@@ -69,14 +74,17 @@ def unfused(base: Path):
     for layer in model.model.layers:
         if hasattr(layer.mlp, "experts"):
             layer.mlp.experts = Unfused(layer.mlp.experts, model.config)
-    model.config.model_type = "qwen3_moe_unfused"
+    model.config.model_type += "_unfused"
     return model.eval()
 
 
-def unfused_peft_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+def unfused_peft_logits(base: Path, adapter: Path, ids: torch.Tensor,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """peft's logits on the unfused model; ``float64``: computed in double precision (the
+    exact answer the float32 results approximate)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(unfused(base), adapter).eval()
+    model = PeftModel.from_pretrained(unfused(base), adapter).to(dtype).eval()
     with torch.no_grad():
         return model(ids).logits
 

@@ -11,7 +11,9 @@ routed expert ``{e}``, ``mlp.experts.local_experts.{e}.linear_fc1``/``linear_fc2
 (``expert=True``: they split over the expert-tensor-parallel group and live on one EP rank).
 Their HF names are transformers 4's per-expert modules ``mlp.experts.{e}.gate_proj``/
 ``up_proj``/``down_proj``: the names peft saves for such a model and converts on load into
-transformers 5's stacked experts. The router and a shared expert take no adapter.
+transformers 5's stacked experts. A shared expert (``mlp.shared_experts.linear_fc1``/``fc2``,
+HF ``mlp.shared_expert.*``) is a dense MLP's sites; the router and the shared expert's gate
+take no adapter.
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ EXPERT_FC1 = Site(name="mlp.experts.local_experts.{e}.linear_fc1",
                   expert=True)
 EXPERT_FC2 = Site(name="mlp.experts.local_experts.{e}.linear_fc2", parts=("linear_fc2",),
                   hf=("mlp.experts.{e}.down_proj",), parallel="row", expert=True)
+# a shared expert (Qwen2-MoE's ``mlp.shared_expert``): a dense MLP beside the routed experts,
+# split over TP like one; its sigmoid gate takes no adapter
+SHARED_FC1 = Site(name="mlp.shared_experts.linear_fc1", parts=("linear_fc1_gate", "linear_fc1_up"),
+                  hf=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                  fuse="gate_up")
+SHARED_FC2 = Site(name="mlp.shared_experts.linear_fc2", parts=("linear_fc2",),
+                  hf=("mlp.shared_expert.down_proj",), parallel="row")
 DENSE_SITES = (QKV, PROJ, FC1, FC2)
 MOE_SITES = (QKV, PROJ, EXPERT_FC1, EXPERT_FC2)
 
@@ -64,19 +73,20 @@ MOE_SITES = (QKV, PROJ, EXPERT_FC1, EXPERT_FC2)
 def sites(spec: ModelSpec, layer: int = 0) -> tuple[Site, ...]:
     """The adaptable linears of layer ``layer`` of ``spec`` (experts' with their slot
     ``{e}``); NotImplementedError for the models whose linears are not yet covered."""
-    if spec.mla is not None or (spec.moe is not None and (
-            spec.moe.shared_ffn_hidden_size or spec.architecture not in _PER_EXPERT_HF)):
+    if spec.mla is not None or (spec.moe is not None and
+                                spec.architecture not in _PER_EXPERT_HF):
         raise NotImplementedError(
-            f"adapters on {spec.architecture} are not supported yet (latent attention, shared "
-            "experts, or experts whose HF names differ from gate_proj/up_proj/down_proj); "
-            "dense decoders and Qwen3-MoE")
+            f"adapters on {spec.architecture} are not supported yet (latent attention, or "
+            "experts whose HF names differ from gate_proj/up_proj/down_proj); dense decoders, "
+            "Qwen2-MoE and Qwen3-MoE")
     if spec.moe is not None and spec.moe.is_moe_layer(layer):
-        return MOE_SITES
+        return MOE_SITES + ((SHARED_FC1, SHARED_FC2) if spec.moe.shared_ffn_hidden_size else ())
     return DENSE_SITES
 
 
 # MoE architectures whose experts' HF modules are mlp.experts.{e}.gate_proj/up_proj/down_proj
-_PER_EXPERT_HF = frozenset({"Qwen3MoeForCausalLM"})
+# (transformers 4's, and what peft saves for them) and whose shared expert is mlp.shared_expert
+_PER_EXPERT_HF = frozenset({"Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"})
 
 
 def fuse_fn(site: Site, spec: ModelSpec):

@@ -91,10 +91,11 @@ def test_adapter_mappings_obey_every_law(data):
 @SETTINGS
 @given(st.data())
 def test_expert_adapter_mappings_obey_every_law(data):
-    """The same laws on Qwen3-MoE specs (dense layers among MoE layers): every expert's
-    linear_fc1/linear_fc2 is adapted with expert layouts, named as peft names transformers
-    4's per-expert modules, and sharding over expert-TP (the size drawn) commutes."""
-    spec = data.draw(moe_specs("Qwen3MoeForCausalLM", split=2))
+    """The same laws on Qwen3-MoE and Qwen2-MoE specs (dense layers among MoE layers, a shared
+    expert): every expert's linear_fc1/linear_fc2 is adapted with expert layouts, named as
+    peft names transformers 4's per-expert modules, and sharding over expert-TP commutes."""
+    arch = data.draw(st.sampled_from(["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"]))
+    spec = data.draw(moe_specs(arch, split=2))
     adapter = data.draw(adapter_specs())
     if not any(t.startswith("linear_fc") for t in adapter.target_modules):
         adapter = adapter.replace(target_modules=(*adapter.target_modules, "linear_fc2"))

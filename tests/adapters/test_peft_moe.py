@@ -1,6 +1,7 @@
 """LoRA and DoRA on the experts of a tiny random Qwen3-MoE (3 layers, the middle one dense, 4
 experts, top-2) on real Megatron-Core (CPU, gloo) against Hugging Face peft (``peft_moe.py``):
 
+- Qwen2-MoE at EP=1: the shared expert adapted beside the routed experts;
 - at EP=1 in process: the export (every expert's gate/up/down adapters in peft's per-expert
   names) gives, in stock ``PeftModel.from_pretrained`` on the stacked transformers 5 model,
   the Megatron model's logits (LoRA; peft converts the file into its ``target_parameters``
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import torch
 from dist_util import torchrun, user_env
 from models import hf_logits, peft_logits, sample_ids
 from peft_cases import HOOKS, perturb, same_files
@@ -69,7 +71,8 @@ def cases(tmp_path_factory):
 
 def test_ep1_matches_peft(cases, tmp_path):
     """Every hook at EP=1: logits equal peft's on the per-expert model (1e-5), the experts'
-    adapters matter, and an adapter peft made loads and re-exports bit for bit."""
+    adapters matter; a DoRA adapter peft made loads, re-exports bit for bit, and merged into
+    the weights gives a plain HF model with its logits (1e-5)."""
     base = cases["base"]
     ids = sample_ids(300, seq=12)
     for hook in ("lora", "dora", "canonical"):
@@ -83,6 +86,27 @@ def test_ep1_matches_peft(cases, tmp_path):
     assert (got - unfused_peft_logits(base, cases["peft-True"], ids)).abs().max() < TOL
     bridge.save_hf_adapter(model, tmp_path / "again")
     assert same_files(cases["peft-True"], tmp_path / "again")
+    bridge.save_hf_pretrained(model, tmp_path / "merged", merge_adapters=True)
+    assert (hf_logits(tmp_path / "merged", ids) - got).abs().max() < TOL
+
+
+def test_shared_expert_at_ep1(tmp_path):
+    """Qwen2-MoE (a shared expert with its sigmoid gate beside the routed experts): LoRA and
+    DoRA on attention, every expert and the shared expert give peft's logits on the
+    per-expert model computed in float64 within 1e-5 (measured 6e-6 for DoRA; peft's own
+    float32 DoRA is 1.1e-5 off float64 here); the shared expert's gate takes no adapter."""
+    base = make_moe(tmp_path / "base", "qwen2_moe")
+    ids = sample_ids(300, seq=12)
+    for hook in ("lora", "dora"):
+        bridge, provider, model = _provide(base, HOOKS[hook]())
+        names = {n for c in model for n, p in c.named_parameters() if p.requires_grad}
+        assert any(".shared_experts.linear_fc1.adapter." in n for n in names)
+        assert not any("gate_weight" in n or "router" in n for n in names)
+        bridge.save_hf_adapter(model, tmp_path / hook)
+        got = _logits(bridge, provider, model, ids)
+        exact = unfused_peft_logits(base, tmp_path / hook, ids, dtype=torch.float64)
+        assert (got.double() - exact).abs().max() < TOL, hook
+        assert (got - hf_logits(base, ids)).abs().max() > 1e-2, hook
 
 
 def test_export_loads_in_stock_peft(tmp_path):
