@@ -176,6 +176,7 @@ def two_ranks(cases, tmp_path_factory):
     return by_case
 
 
+@pytest.mark.slow
 def test_two_ranks_match_peft(two_ranks):
     for case, ranks in two_ranks.items():
         assert len(ranks) == 2, case
@@ -187,6 +188,7 @@ def test_two_ranks_match_peft(two_ranks):
                 assert r["fresh"] < TOL, (case, r)
 
 
+@pytest.mark.slow
 def test_expert_tp_gradients(two_ranks):
     """#5634's regression test: at expert-TP=2 every adapter gradient (the experts' A and B,
     DoRA's magnitudes, the attention adapters') equals expert-TP=1's."""
@@ -201,6 +203,7 @@ TRAIN = ("model.make_vocab_size_divisible_by=32;peft.dim=4;peft.alpha=8;"
          "train.train_iters=6;model.expert_model_parallel_size={ep}")
 
 
+@pytest.mark.slow
 def test_training_changes_only_adapters(cases, tmp_path):
     """Six steps of LoRA fine-tuning (the run config's ``peft`` section, mock data, DP=2) at
     EP=1 and EP=2: the exported base weights are bit-identical to the HF checkpoint, every
