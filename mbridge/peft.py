@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from mbridge.adapters import CANONICAL_TARGETS, AdapterSpec, selection
-from mbridge.adapters.site import hf_module, module_name, part_name
+from mbridge.adapters.site import part_name
 from mbridge.keys import peft_module
 from mbridge.shell import adapters as shell_adapters
 from mbridge.specs import ModelSpec
@@ -71,9 +71,10 @@ def peft_config(adapter: AdapterSpec, spec: ModelSpec,
                 base_model: str | None = None) -> dict[str, Any]:
     """peft's ``adapter_config.json`` for ``adapter`` on ``spec``: the HF projections it
     adapts (short names when every layer has the same, else full module names)."""
-    modules = [hf_module(a.layer, a.site, j) for a in selection(adapter, spec) for j in a.parts]
+    modules = [a.hf(j) for a in selection(adapter, spec) for j in a.parts]
     short = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    uniform = len(modules) == len(short) * spec.num_layers
+    every = {m for m in _hf_modules(spec) if m.rsplit(".", 1)[-1] in short}
+    uniform = every == set(modules)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": adapter.dim, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
@@ -97,6 +98,12 @@ def adapter_from_peft(cfg: dict[str, Any], tensor_keys, spec: ModelSpec) -> Adap
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"peft_type={cfg.get('peft_type')!r}; only LORA adapters (LoRA, DoRA) "
                          "are supported")
+    if cfg.get("target_parameters"):
+        raise ValueError(f"the adapter sets target_parameters={cfg['target_parameters']!r}: "
+                         "peft's stacked-experts form (transformers 5's gate_up_proj/down_proj),"
+                         " which mbridge does not read yet; use per-expert adapters "
+                         "(model.layers.{i}.mlp.experts.{e}.gate_proj/up_proj/down_proj, what "
+                         "peft saves for the per-expert model)")
     for name, default in _UNSUPPORTED.items():
         if cfg.get(name, default) not in (default, None, {}, False, "none"):
             raise ValueError(f"the adapter sets {name}={cfg[name]!r}, which mbridge does not "
@@ -109,13 +116,36 @@ def adapter_from_peft(cfg: dict[str, Any], tensor_keys, spec: ModelSpec) -> Adap
     names = {}
     for a in selection(every, spec):
         for j in a.parts:
-            full = part_name(a.layer, a.site, a.site.parts[j]) if len(a.site.parts) > 1 \
-                else module_name(a.layer, a.site)
-            names[hf_module(a.layer, a.site, j)] = full
+            full = part_name(a.layer, a.site, a.site.parts[j], a.expert) \
+                if len(a.site.parts) > 1 else a.module
+            names[a.hf(j)] = full
     unknown = sorted(found - names.keys())
     if unknown:
         raise ValueError(f"the adapter adapts {unknown[:3]}, which are not linears mbridge "
-                         f"adapts in {spec.architecture} (q/k/v/o, gate/up/down projections)")
+                         f"adapts in {spec.architecture} (q/k/v/o, gate/up/down projections"
+                         "; per-expert names model.layers.{i}.mlp.experts.{e}.gate_proj for "
+                         "experts)")
     if not found:
         raise ValueError("the adapter file holds no lora_A/lora_B tensors")
-    return every.replace(target_modules=tuple(names[m] for m in names if m in found))
+    return every.replace(target_modules=_targets(names, found))
+
+
+def _targets(names: dict[str, str], found: set[str]) -> tuple[str, ...]:
+    """``target_modules`` selecting the mcore modules of the HF modules ``found``
+    (``names``: HF module -> mcore module or part): a last name where every module of that
+    name is found (``linear_fc2``), full names for the rest (a pattern each, matched
+    against every module: keep the list short on models with many experts)."""
+    by_name: dict[str, list[str]] = {}
+    for hf, mc in names.items():
+        by_name.setdefault(mc.rsplit(".", 1)[-1], []).append(hf)
+    out = []
+    for name, hfs in by_name.items():
+        hit = [names[h] for h in hfs if h in found]
+        out += [name] if len(hit) == len(hfs) else hit
+    return tuple(out)
+
+
+def _hf_modules(spec: ModelSpec) -> list[str]:
+    """Every HF module mbridge can adapt in ``spec``, part by part."""
+    every = AdapterSpec(target_modules=CANONICAL_TARGETS)
+    return [a.hf(j) for a in selection(every, spec) for j in a.parts]

@@ -18,10 +18,16 @@ How fused linears meet peft's per-projection adapters:
   (and the magnitude) split with the weights' op (``split_qkv``), an exact, equivalent
   adapter. From peft: only an adapter whose parts share one A (this variant's own export);
   peft's own adapters (different A per projection) load into the canonical variant.
+
+Experts: each routed expert's ``linear_fc1``/``linear_fc2`` is a site of its own (``Adapted.
+expert``), with the layouts above along the expert-tensor-parallel group (``Layout.expert``)
+and peft's per-expert names ``model.layers.{i}.mlp.experts.{e}.gate_proj`` (``site.py``);
+one mapping group per expert, as for the weights.
 """
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from mbridge import keys
@@ -46,17 +52,23 @@ MAGNITUDE = ("magnitude", "lora_magnitude_vector")
 
 
 class Adapted(Spec, frozen=True, kw_only=True):
-    """One adapted linear: layer, site, the indices of its adapted parts, and whether each
-    part has its own adapter (``split``; always for a one-part site)."""
+    """One adapted linear: layer, site, the indices of its adapted parts, whether each
+    part has its own adapter (``split``; always for a one-part site), and the global index
+    of its expert (None off experts)."""
 
     layer: int
     site: Site
     parts: tuple[int, ...]
     split: bool
+    expert: int | None = None
 
     @property
     def module(self) -> str:
-        return module_name(self.layer, self.site)
+        return module_name(self.layer, self.site, self.expert)
+
+    def hf(self, j: int) -> str:
+        """The HF module of part ``j``: ``"model.layers.3.mlp.experts.5.up_proj"``."""
+        return hf_module(self.layer, self.site, j, self.expert)
 
     def part(self, j: int) -> str | None:
         """The mcore key level of part ``j``: its canonical name, None when one adapter
@@ -68,21 +80,23 @@ def selection(adapter: AdapterSpec, spec: ModelSpec) -> tuple[Adapted, ...]:
     """Every linear ``adapter`` adapts in ``spec``, layer by layer; ValueError if none."""
     out = []
     for i in range(spec.num_layers):
-        for site in sites(spec):
-            if adapter.canonical and len(site.parts) > 1:
-                parts = tuple(j for j, p in enumerate(site.parts)
-                              if adapter.selects(part_name(i, site, p)))
-                split = True
-            else:
-                parts = tuple(range(len(site.parts))) if adapter.selects(
-                    module_name(i, site)) else ()
-                split = len(site.parts) == 1
-            if parts:
-                out.append(Adapted(layer=i, site=site, parts=parts, split=split))
+        for site in sites(spec, i):
+            for e in range(spec.moe.num_experts) if site.expert else (None,):
+                if adapter.canonical and len(site.parts) > 1:
+                    parts = tuple(j for j, p in enumerate(site.parts)
+                                  if adapter.selects(part_name(i, site, p, e)))
+                    split = True
+                else:
+                    parts = tuple(range(len(site.parts))) if adapter.selects(
+                        module_name(i, site, e)) else ()
+                    split = len(site.parts) == 1
+                if parts:
+                    out.append(Adapted(layer=i, site=site, parts=parts, split=split, expert=e))
     if not out:
         raise ValueError(f"target_modules={list(adapter.target_modules)} (excluding "
                          f"{list(adapter.exclude_modules)}) match no linear layer of "
-                         f"{spec.architecture}; use {', '.join(s.target for s in sites(spec))}"
+                         f"{spec.architecture}; use "
+                         f"{', '.join(sorted({s.target for s in sites(spec)}))}"
                          " or their parts")
     return tuple(out)
 
@@ -93,25 +107,37 @@ def _tensors(adapter: AdapterSpec):
 
 def layouts(site: Site, fused: bool) -> dict[str, tuple[Layout, Layout]]:
     """``{mcore tensor: (mcore layout, peft layout)}`` of one adapter on ``site``; ``fused``:
-    one adapter over a multi-part column linear (B's rows as the fused weight's)."""
+    one adapter over a multi-part column linear (B's rows as the fused weight's). An
+    expert's split over the expert-tensor-parallel group (``Layout.expert``)."""
     if site.parallel == "row":
-        return {"linear_in.weight": (ROW, ROW), "linear_out.weight": (REPLICATED, REPLICATED),
-                "magnitude": (REPLICATED, REPLICATED)}
-    rows = GATED_COLUMN if fused and site.fuse == "gate_up" else COLUMN
-    return {"linear_in.weight": (REPLICATED, REPLICATED), "linear_out.weight": (rows, COLUMN),
-            "magnitude": (rows, COLUMN)}
+        out = {"linear_in.weight": (ROW, ROW), "linear_out.weight": (REPLICATED, REPLICATED),
+               "magnitude": (REPLICATED, REPLICATED)}
+    else:
+        rows = GATED_COLUMN if fused and site.fuse == "gate_up" else COLUMN
+        out = {"linear_in.weight": (REPLICATED, REPLICATED),
+               "linear_out.weight": (rows, COLUMN), "magnitude": (rows, COLUMN)}
+    if not site.expert:
+        return out
+    return {t: (_expert(mc), _expert(hf)) for t, (mc, hf) in out.items()}
+
+
+def _expert(layout: Layout) -> Layout:
+    return msgspec.structs.replace(layout, expert=True)
 
 
 def weight_layout(site: Site) -> Layout:
-    """The layout of the base linear's weight (``architectures/dense.py``'s mappings)."""
+    """The layout of the base linear's weight (``architectures/dense.py``'s and ``moe.py``'s
+    mappings)."""
     if site.parallel == "row":
-        return ROW
-    return GATED_COLUMN if site.fuse == "gate_up" else COLUMN
+        layout = ROW
+    else:
+        layout = GATED_COLUMN if site.fuse == "gate_up" else COLUMN
+    return _expert(layout) if site.expert else layout
 
 
 def _split_mapping(a: Adapted, adapter: AdapterSpec) -> Mapping:
     lay = layouts(a.site, fused=False)
-    return chain(*(rename(keys.peft_key(hf_module(a.layer, a.site, j), hf),
+    return chain(*(rename(keys.peft_key(a.hf(j), hf),
                           keys.adapter_key(a.module, a.part(j), mc), lay[mc][0])
                    for j in a.parts for mc, hf in _tensors(adapter)))
 
@@ -119,7 +145,7 @@ def _split_mapping(a: Adapted, adapter: AdapterSpec) -> Mapping:
 def _fused_mapping(a: Adapted, adapter: AdapterSpec, spec: ModelSpec) -> Mapping:
     """One adapter over a fused linear <-> per-part peft adapters sharing A."""
     lay = layouts(a.site, fused=True)
-    hf = {(j, t): keys.peft_key(hf_module(a.layer, a.site, j), t) for j in a.parts
+    hf = {(j, t): keys.peft_key(a.hf(j), t) for j in a.parts
           for _, t in _tensors(adapter)}
     mc = {m: keys.adapter_key(a.module, None, m) for m, _ in _tensors(adapter)}
     fuse, split = fuse_fn(a.site, spec), split_fn(a.site, spec)
@@ -146,11 +172,13 @@ def _fused_mapping(a: Adapted, adapter: AdapterSpec, spec: ModelSpec) -> Mapping
 
 
 def mapping(adapter: AdapterSpec, spec: ModelSpec) -> tuple[Mapping, ...]:
-    """The adapter mapping groups, one per layer holding adapters, in layer order."""
-    by_layer: dict[int, list[Mapping]] = {}
+    """The adapter mapping groups in layer order: per layer holding adapters one group, then
+    one per adapted expert (an EP rank reads only its experts, export streams one at a time)."""
+    by_layer: dict[tuple[int, int], list[Mapping]] = {}
     for a in selection(adapter, spec):
         m = _split_mapping(a, adapter) if a.split else _fused_mapping(a, adapter, spec)
-        by_layer.setdefault(a.layer, []).append(m)
+        slot = -1 if a.expert is None else a.expert
+        by_layer.setdefault((a.layer, slot), []).append(m)
     return tuple(chain(*ms) for ms in by_layer.values())
 
 

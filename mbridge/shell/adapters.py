@@ -14,6 +14,21 @@ Tensor parallelism follows the base linear (``adapters.mapping.layouts``):
 
 DoRA scales the linear's rows by ``m / ||W + s B A||`` (a constant to autograd, as peft);
 a row-parallel rank sums the squared norms of its column slice over the group first.
+
+Experts (``explicit_expert_comm``: EP or expert-TP > 1) run differently: the token dispatcher
+gives every expert-TP rank the same tokens and sums the row-parallel ranks' partial outputs
+(and, backwards, the column-parallel ranks' partial input gradients) itself, so the adapter
+takes no collective in its forward either: ``B_r (A x)`` on a column-parallel expert,
+``B (A_r x_r)`` on a row-parallel one, each rank's share summed by the dispatcher like the
+base linear's. A rank's gradient of the replicated factor (A of a column-parallel expert, B
+and DoRA's magnitude of a row-parallel one) is then only its share, so it passes Megatron-
+Core's ``copy_to_tensor_model_parallel_region`` over the expert-TP group (identity forward,
+all-reduce backward): every expert-TP rank holds the whole gradient, as at expert-TP 1
+(Megatron-Bridge #5634 is this sum missing or over the wrong group). Expert adapters are
+marked ``allreduce=False``, so DDP reduces them over the expert data-parallel group at
+every layout (Megatron-Core marks its expert weights so only at EP > 1: at EP=1 with
+expert-TP > TP the data-parallel group would mix different experts' shards). The grouped experts
+(``shell/experts.GroupedSequentialMLP``) run the per-expert loop when an expert has one.
 Adapter tensors are drawn once at their global shape from a seed and the key, then
 sharded, so every layout starts from the same adapter.
 """
@@ -79,9 +94,12 @@ class SiteAdapter(torch.nn.Module):
     named by the part, ``linear_q``), or the tensors of one ``Part`` on itself."""
 
     def __init__(self, adapted: Adapted, spec: AdapterSpec, model: ModelSpec,
-                 parts: dict[str | None, dict[str, torch.Tensor]], group):
+                 parts: dict[str | None, dict[str, torch.Tensor]], group,
+                 explicit: bool = False):
         super().__init__()
         self.adapted, self.spec, self.group = adapted, spec, group
+        # an expert linear whose communication the token dispatcher does (module docstring)
+        self.explicit = explicit
         self.split, self.fuse = split_fn(adapted.site, model), fuse_fn(adapted.site, model)
         self.enabled = True
         self.dropout = torch.nn.Dropout(spec.dropout) if spec.dropout else torch.nn.Identity()
@@ -108,22 +126,39 @@ class SiteAdapter(torch.nn.Module):
     def _h(self, part, x: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel import mappings
 
+        row = self.adapted.site.parallel == "row"
+        if self.explicit:  # the dispatcher sums the ranks' shares; A's gradient is summed here
+            return torch.nn.functional.linear(x, part.linear_in.weight if row else
+                                              self._replicated(part.linear_in.weight))
         h = torch.nn.functional.linear(x, part.linear_in.weight)
         if self.tp == 1:
             return h
-        if self.adapted.site.parallel == "row":
+        if row:
             return mappings.reduce_from_tensor_model_parallel_region(h, group=self.group)
         return mappings.copy_to_tensor_model_parallel_region(h, group=self.group)
+
+    def _replicated(self, t: torch.Tensor) -> torch.Tensor:
+        """A replicated factor of an explicit-communication expert: identity forward, its
+        gradient summed over the expert-TP group backward (module docstring)."""
+        from megatron.core.tensor_parallel import mappings
+
+        if not self.explicit or self.tp == 1:
+            return t
+        return mappings.copy_to_tensor_model_parallel_region(t, group=self.group)
+
+    def _out(self, part) -> torch.Tensor:
+        w = part.linear_out.weight
+        return self._replicated(w) if self.adapted.site.parallel == "row" else w
 
     def delta_out(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``s * B A x`` over the linear's (local) output rows ``[..., out]``."""
         x = self.dropout(x) if self.spec.dropout_position == "pre" else x
         parts = self.parts()
         if len(parts) == 1:
-            y = torch.nn.functional.linear(self._h(parts[0], x), parts[0].linear_out.weight)
+            y = torch.nn.functional.linear(self._h(parts[0], x), self._out(parts[0]))
         else:
             rows = [w.shape[0] for w in self.split(weight)]
-            outs = [torch.nn.functional.linear(self._h(p, x), p.linear_out.weight)
+            outs = [torch.nn.functional.linear(self._h(p, x), self._out(p))
                     if p is not None else x.new_zeros(*x.shape[:-1], n)
                     for p, n in zip(parts, rows, strict=True)]
             y = self.fuse(*(o.movedim(-1, 0) for o in outs)).movedim(0, -1)
@@ -150,7 +185,9 @@ class SiteAdapter(torch.nn.Module):
     def dora_factor(self, weight: torch.Tensor) -> torch.Tensor:
         """``m / ||W + s B A||`` per local output row (gradient through ``m`` only)."""
         sq = self.norm_sq(weight, self.delta_weight(weight))
-        mags = [None if p is None else p.magnitude for p in self.parts()]
+        row = self.adapted.site.parallel == "row"
+        mags = [None if p is None else self._replicated(p.magnitude) if row else p.magnitude
+                for p in self.parts()]
         return dora_factor(site_magnitude(sq, mags, self.split, self.fuse), sq)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -210,8 +247,9 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
     _name_frozen_groups(chunks)
     global_shapes = shapes(adapter, spec)
     for a in selection(adapter, spec):
-        places = [(c, local) for pp, c, _, local in placement(a.module + ".weight", spec, parallel)
-                  if pp == rank.pp]
+        places = [(c, local) for pp, c, ep, local in placement(a.module + ".weight", spec,
+                                                                parallel)
+                  if pp == rank.pp and ep in (None, rank.ep)]
         if not places:
             continue
         chunk, local = places[0]
@@ -230,8 +268,11 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
                 tensors[t] = shard(full, lay[t][0], *split_of(lay[t][0], parallel, rank)).to(
                     device=module.weight.device, dtype=module.weight.dtype).contiguous()
             parts[part] = tensors
-        site = SiteAdapter(a, adapter, spec, parts, module.tp_group)
+        site = SiteAdapter(a, adapter, spec, parts, module.tp_group,
+                           explicit=getattr(module, "explicit_expert_comm", False))
         _mark_tensor_parallel(site, lay)
+        for p in site.parameters():  # an expert's: DDP's expert buckets (expert DP group)
+            p.allreduce = not a.site.expert
         module.adapter = site
         module.sharded_state_dict = partial(_sharded_state_dict, module)
         if adapter.scheme == "dora":

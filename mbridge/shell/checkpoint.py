@@ -169,7 +169,7 @@ def _materialize_adam_state(optimizer) -> None:
 def _restore_adam_step(optimizer, loaded: dict) -> None:
     """Torch Adam keeps its step per parameter; Megatron-Core's loader leaves our zeros in
     place (dp_reshardable), so set it from the step stored with the param groups."""
-    groups = loaded.get("optimizer", {}).get("param_groups", [])
+    groups = _param_groups(loaded)
     steps = {g["step"] for g in groups if g.get("step") is not None}
     if len(steps) != 1:
         return
@@ -179,6 +179,14 @@ def _restore_adam_step(optimizer, loaded: dict) -> None:
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             for st in inner.state.values():
                 st["step"] = torch.tensor(step)
+
+
+def _param_groups(loaded: dict) -> list[dict]:
+    """The param groups of a loaded optimizer state: one optimizer's, or every optimizer's of
+    a ``ChainedOptimizer`` (``{0: ..., 1: ...}``: dense and expert parameters at EP > 1)."""
+    if "optimizer" in loaded:
+        return list(loaded["optimizer"].get("param_groups", []))
+    return [g for v in loaded.values() if isinstance(v, dict) for g in _param_groups(v)]
 
 
 def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict, *,

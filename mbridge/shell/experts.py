@@ -15,7 +15,8 @@ biases follow ``MLP.forward``'s unfused path line by line.
 
 Expert linears take no tensor-parallel collective here: Megatron-Core marks an expert's
 linears ``explicit_expert_comm`` when EP or expert-TP > 1 (the dispatcher does the
-communication), and at EP = expert-TP = 1 they have none to do.
+communication), and at EP = expert-TP = 1 they have none to do. Experts with a LoRA/DoRA
+adapter run ``SequentialMLP``'s per-expert loop, which calls each linear and so its hook.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class GroupedSequentialMLP(SequentialMLP):
     def forward(self, permuted_local_hidden_states: torch.Tensor,
                 tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
         cfg = self.config
-        if cfg.fp8 or cfg.fp4 or self.num_local_experts == 1:
+        if cfg.fp8 or cfg.fp4 or self.num_local_experts == 1 or self._hooked():
             return super().forward(permuted_local_hidden_states, tokens_per_expert,
                                    permuted_probs)
         x, probs = permuted_local_hidden_states, permuted_probs
@@ -85,6 +86,13 @@ class GroupedSequentialMLP(SequentialMLP):
             bias = per_token(torch.stack([m.bias for m in fc2]), offs, x.shape[0])
             out = (out + bias * probs.unsqueeze(-1)).to(out.dtype)
         return out, None
+
+    def _hooked(self) -> bool:
+        """Whether an expert linear carries an adapter (``shell/adapters.py``: a submodule
+        ``adapter`` and a forward hook), which only the per-expert loop runs. Other hooks
+        (DDP's forward pre-hooks with ``overlap_param_gather``) keep the grouped path."""
+        return any("adapter" in m._modules for e in self.local_experts
+                   for m in (e.linear_fc1, e.linear_fc2))
 
     def _activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """``MLP.forward``'s unfused activation with ``per_token_scale=probs``."""

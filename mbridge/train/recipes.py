@@ -9,12 +9,17 @@ Megatron-Bridge's pretraining recipes for the same models. ``hf_path`` starts fr
 converted HF checkpoint instead of random init (the architecture then comes from it).
 ``tiny_llama_pretrain`` trains on a laptop CPU in seconds with mock data.
 The ``*_finetune`` recipes start from ``checkpoint.pretrained_checkpoint`` (an HF directory or
-a distributed checkpoint) and read SFT JSONL from ``data.dataset_root``.
+a distributed checkpoint) and read SFT JSONL from ``data.dataset_root``. The ``*_peft``
+recipes are the same runs with LoRA on (``peft`` section: dim 32, alpha 32 on linear_qkv,
+linear_proj, linear_fc1, linear_fc2, experts included; the base frozen, adapters-only
+checkpoints) at lr 1e-4, as Megatron-Bridge's PEFT recipes; ``peft.scheme=dora`` for DoRA.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+from msgspec.structs import replace
 
 from mbridge.specs import ModelSpec, RopeSpec
 from mbridge.train.config import (
@@ -23,6 +28,7 @@ from mbridge.train.config import (
     LoggingConfig,
     ModelConfig,
     OptimizerConfig,
+    PeftConfig,
     RunConfig,
     SchedulerConfig,
     TrainConfig,
@@ -182,10 +188,66 @@ def tiny_llama_finetune(pretrained_checkpoint: str | None = None,
         mixed_precision="fp32")
 
 
+PEFT_LR = 1e-4  # Megatron-Bridge's PEFT recipes (full fine-tunes: 5e-6)
+
+
+def _peft(cfg: RunConfig, name: str, lr: float = PEFT_LR) -> RunConfig:
+    """A fine-tuning recipe with LoRA on: the ``peft`` section's defaults (LoRA, dim 32,
+    alpha 32, every linear), lr ``lr`` decaying to lr/10, its own output directories."""
+    out = f"runs/{name}"
+    ckpt = cfg.checkpoint
+    return replace(
+        cfg,
+        peft=PeftConfig(),
+        optimizer=replace(cfg.optimizer, lr=lr, min_lr=lr / 10),
+        checkpoint=replace(ckpt, save=ckpt.save and f"{out}/checkpoints",
+                           load=ckpt.load and f"{out}/checkpoints"),
+        logging=replace(cfg.logging, output_dir=out))
+
+
+def llama32_1b_peft(pretrained_checkpoint: str | None = None,
+                    dataset_root: str | None = None) -> RunConfig:
+    """Llama 3.2 1B LoRA SFT: ``llama32_1b_finetune`` with LoRA (dim 32) at lr 1e-4."""
+    return _peft(llama32_1b_finetune(pretrained_checkpoint, dataset_root), "llama32_1b_peft")
+
+
+def llama3_8b_peft(pretrained_checkpoint: str | None = None,
+                   dataset_root: str | None = None) -> RunConfig:
+    """Llama 3 8B LoRA SFT: TP=1 (the frozen base needs no optimizer state), lr 1e-4."""
+    cfg = _peft(llama3_8b_finetune(pretrained_checkpoint, dataset_root), "llama3_8b_peft")
+    return replace(cfg, model=replace(cfg.model, tensor_model_parallel_size=1,
+                                      sequence_parallel=False))
+
+
+def qwen3_8b_peft(pretrained_checkpoint: str | None = None,
+                  dataset_root: str | None = None) -> RunConfig:
+    """Qwen3 8B LoRA SFT: TP=1, lr 1e-4."""
+    cfg = _peft(qwen3_8b_finetune(pretrained_checkpoint, dataset_root), "qwen3_8b_peft")
+    return replace(cfg, model=replace(cfg.model, tensor_model_parallel_size=1,
+                                      sequence_parallel=False))
+
+
+def qwen3_30b_a3b_peft(pretrained_checkpoint: str | None = None,
+                       dataset_root: str | None = None) -> RunConfig:
+    """Qwen3-30B-A3B LoRA SFT (adapters on attention and on every expert): EP=8, lr 1e-4."""
+    return _peft(qwen3_30b_a3b_finetune(pretrained_checkpoint, dataset_root),
+                 "qwen3_30b_a3b_peft")
+
+
+def tiny_llama_peft(pretrained_checkpoint: str | None = None,
+                    dataset_root: str | None = None) -> RunConfig:
+    """``tiny_llama_finetune`` with LoRA (dim 32) on a CPU; lr 1e-3 (20 steps of a tiny
+    model: Megatron-Bridge's 1e-4 barely moves it)."""
+    return _peft(tiny_llama_finetune(pretrained_checkpoint, dataset_root), "tiny_llama_peft",
+                 lr=1e-3)
+
+
 RECIPES: dict[str, Callable[..., RunConfig]] = {
     f.__name__: f for f in (llama32_1b_pretrain, llama3_8b_pretrain, qwen3_8b_pretrain,
                             tiny_llama_pretrain, llama32_1b_finetune, llama3_8b_finetune,
-                            qwen3_8b_finetune, qwen3_30b_a3b_finetune, tiny_llama_finetune)}
+                            qwen3_8b_finetune, qwen3_30b_a3b_finetune, tiny_llama_finetune,
+                            llama32_1b_peft, llama3_8b_peft, qwen3_8b_peft, qwen3_30b_a3b_peft,
+                            tiny_llama_peft)}
 
 
 def get(name: str) -> Callable[..., RunConfig]:

@@ -33,6 +33,7 @@ from mbridge.testing import (
     check_mapping,
     mcore_trees,
     model_specs,
+    moe_specs,
     random_tree,
     tp_sizes,
 )
@@ -85,6 +86,31 @@ def test_adapter_mappings_obey_every_law(data):
     hf = _to_hf(groups, tree)
     assert all(keys.peft_module(k) is not None for k in hf)
     check_mapping(groups, hf, tp_sizes=(1, data.draw(tp_sizes(spec))), mcore_tree=tree)
+
+
+@SETTINGS
+@given(st.data())
+def test_expert_adapter_mappings_obey_every_law(data):
+    """The same laws on Qwen3-MoE and Qwen2-MoE specs (dense layers among MoE layers, a shared
+    expert): every expert's linear_fc1/linear_fc2 is adapted with expert layouts, named as
+    peft names transformers 4's per-expert modules, and sharding over expert-TP commutes."""
+    arch = data.draw(st.sampled_from(["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"]))
+    spec = data.draw(moe_specs(arch, split=2))
+    adapter = data.draw(adapter_specs())
+    if not any(t.startswith("linear_fc") for t in adapter.target_modules):
+        adapter = adapter.replace(target_modules=(*adapter.target_modules, "linear_fc2"))
+    groups, tree = _mcore_tree(data, spec, adapter)
+    hf = _to_hf(groups, tree)
+    moe_layers = [i for i in range(spec.num_layers) if spec.moe.is_moe_layer(i)]
+    experts = {(a.layer, a.expert) for a in selection(adapter, spec) if a.site.expert}
+    assert experts == {(i, e) for i in moe_layers for e in range(spec.moe.num_experts)}
+    assert all(".mlp.experts.local_experts." not in k for k in hf)
+    for a in selection(adapter, spec):
+        if a.site.expert:
+            assert all(lay.expert for pair in layouts(a.site, not a.split).values()
+                       for lay in pair)
+            assert a.hf(0).startswith(f"model.layers.{a.layer}.mlp.experts.{a.expert}.")
+    check_mapping(groups, hf, tp_sizes=(1, 2), mcore_tree=tree)
 
 
 @SETTINGS

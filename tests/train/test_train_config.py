@@ -206,3 +206,45 @@ def test_wandb_asked_for_but_missing_fails_before_training():
         pytest.skip("wandb is installed here: nothing is missing")
     cfg = apply_overrides(recipes.tiny_llama_pretrain(), ["logging.wandb_project=p"])
     assert "wandb is not installed" in pretrain_error(cfg)
+
+
+PEFT_RECIPES = sorted(n for n in recipes.RECIPES if n.endswith("_peft"))
+
+
+@pytest.mark.parametrize("name", PEFT_RECIPES)
+def test_peft_recipes_hold_lora(name):
+    """Every ``*_peft`` recipe is its ``*_finetune`` recipe with LoRA on (the ``peft``
+    section's defaults) at Megatron-Bridge's lr 1e-4 (the tiny CPU one 1e-3), writing to
+    its own directories."""
+    cfg = recipes.get(name)(pretrained_checkpoint="/ckpt", dataset_root="/data")
+    full = recipes.get(name.replace("_peft", "_finetune"))(pretrained_checkpoint="/ckpt",
+                                                           dataset_root="/data")
+    assert cfg.peft == config.PeftConfig() and cfg.peft.scheme == "lora" and full.peft is None
+    assert cfg.optimizer.lr == (1e-3 if name.startswith("tiny") else recipes.PEFT_LR)
+    assert cfg.logging.output_dir == f"runs/{name}"
+    assert cfg.train == full.train and cfg.data == full.data
+
+
+def test_peft_recipe_builds_adapters_only(tmp_path):
+    """The model and optimizer ``tiny_llama_peft`` builds hold trainable adapters only: every
+    parameter that requires a gradient is a LoRA tensor, and the optimizer's elements are
+    exactly theirs."""
+    from mbridge.shell import dist
+    from mbridge.shell.runtime import MegatronRuntime
+    from mbridge.train.config import adapter_spec
+
+    cfg = recipes.tiny_llama_peft(pretrained_checkpoint="/ckpt", dataset_root="/data")
+    plan = plan_run(cfg, recipes.TINY_LLAMA, 1)
+    groups = dist.init(plan.parallel, seed=cfg.rng.seed)
+    runtime = MegatronRuntime(recipes.TINY_LLAMA, plan, groups, model=cfg.model,
+                              optimizer=cfg.optimizer, ddp=cfg.parallel,
+                              mixed_precision=cfg.mixed_precision,
+                              micro_batch_size=cfg.train.micro_batch_size,
+                              peft=adapter_spec(cfg.peft), seed=cfg.rng.seed)
+    params = [(n, p) for c in runtime.model for n, p in c.named_parameters()]
+    trainable = [(n, p) for n, p in params if p.requires_grad]
+    assert trainable and all(".adapter.linear_" in n for n, _ in trainable)
+    sites = {n.split(".adapter.")[0].rsplit(".", 1)[-1] for n, _ in trainable}
+    assert sites == {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+    held = sum(p.numel() for g in runtime.optimizer.param_groups for p in g["params"])
+    assert held == sum(p.numel() for _, p in trainable) < sum(p.numel() for _, p in params)
