@@ -52,7 +52,8 @@ def check(layout: str, hf_dir: Path, data: Path, out_root: Path, source: Path) -
         torch.equal(src[k], dst[k]) and src[k].dtype == dst[k].dtype for k in src)
     side = [n for n in SIDE_FILES if (hf_dir / n).is_file()]
     side_same = all((out_dir / n).read_bytes() == (hf_dir / n).read_bytes() for n in side)
-    return dict(layout=layout, source=source.name, logits_diff=(got - ref).abs().max().item(), exact=exact,
+    return dict(layout=layout, source=source.name, logits_diff=(got - ref).abs().max().item(),
+                exact=exact,
                 n_tensors=len(src), n_vision=sum(k.startswith("vision_tower.") for k in dst),
                 export_names=sorted(names) == sorted(src), side=side, side_same=side_same,
                 image_tokens=int((ids == spec.vision.image_token_id).sum()))
