@@ -90,6 +90,10 @@ def _model_class():
             return self.language_model.pg_collection
 
         @property
+        def model_type(self):
+            return self.language_model.model_type
+
+        @property
         def pre_process(self):
             return self.language_model.pre_process
 
