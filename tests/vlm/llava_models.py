@@ -37,7 +37,7 @@ def llava_config(text: str = "llama", **overrides):
     from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig
 
     text_cfg = AutoConfig.for_model(**{
-        **dict(vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        **dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                rms_norm_eps=1e-5), **TEXT[text]})
     vision_cfg = CLIPVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=3,
