@@ -99,9 +99,14 @@ CAPTIONS = ["a photo of a red cat", "the image shows two blue squares", "a green
             "a dog and a cat left and right", "what is in the picture ? a red square"]
 
 
-def make_dataset(directory: Path, samples: int = 8, seed: int = 0) -> Path:
-    """``data.jsonl`` of ``{"images": [...], "text": "<image> ..."}`` records with one or two
-    PNG images each, of different sizes (the processor resizes them); returns the file."""
+PROMPTS = ["what is in the picture ?", "what is in the image ?"]
+
+
+def make_dataset(directory: Path, samples: int = 8, seed: int = 0,
+                 kind: str = "caption") -> Path:
+    """``training.jsonl`` of records with one or two PNG images each, of different sizes
+    (the processor resizes them): ``{"images", "text": "<image> caption"}`` (``caption``) or
+    ``{"images", "prompt": "<image> question", "completion"}`` (``instruct``); returns it."""
     directory.mkdir(parents=True, exist_ok=True)
     sizes = [(20, 16), (16, 24), (32, 32), (18, 22), (40, 20), (16, 16)]
     lines = []
@@ -109,9 +114,15 @@ def make_dataset(directory: Path, samples: int = 8, seed: int = 0) -> Path:
         n = 1 + i % 2
         names = make_images(directory / "images", [sizes[(i + k) % len(sizes)]
                                                    for k in range(n)], seed=seed * 100 + i)
-        text = " ".join([IMAGE_TOKEN] * n) + " " + CAPTIONS[i % len(CAPTIONS)]
-        lines.append(json.dumps({"images": [f"images/{n_}" for n_ in names], "text": text}))
-    path = directory / "data.jsonl"
+        images = " ".join([IMAGE_TOKEN] * n)
+        record = {"images": [f"images/{name}" for name in names]}
+        if kind == "caption":
+            record["text"] = f"{images} {CAPTIONS[i % len(CAPTIONS)]}"
+        else:
+            record.update(prompt=f"{images} {PROMPTS[i % 2]}",
+                          completion=CAPTIONS[i % len(CAPTIONS)])
+        lines.append(json.dumps(record))
+    path = directory / "training.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -126,7 +137,7 @@ def hf_inputs(directory: Path, data: Path, rows: int = 2):
     records = [json.loads(x) for x in data.read_text().splitlines()[:rows]]
     images = [[Image.open(data.parent / p).convert("RGB") for p in r["images"]]
               for r in records]
-    out = proc(text=[r["text"] for r in records], images=images, padding=True,
+    out = proc(text=[r.get("text") or r["prompt"] for r in records], images=images, padding=True,
                return_tensors="pt")
     return out["input_ids"], out["pixel_values"]
 
