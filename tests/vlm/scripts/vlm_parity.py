@@ -11,14 +11,16 @@ usage: vlm_parity.py OUT_DIR HF_DIR DATA_JSONL LAYOUT[;LAYOUT...] [MCORE_DIR]
 import sys
 from pathlib import Path
 
-import torch
-from dist_util import report
-from llava_models import hf_inputs, hf_logits
-from safetensors.torch import load_file
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/vlm: llava_models
 
-from mbridge import AutoBridge
-from mbridge.io.hf import SIDE_FILES
-from mbridge.shell import forward
+import torch  # noqa: E402
+from dist_util import report  # noqa: E402
+from llava_models import hf_inputs, hf_logits  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from mbridge import AutoBridge  # noqa: E402
+from mbridge.io.hf import SIDE_FILES  # noqa: E402
+from mbridge.shell import forward  # noqa: E402
 
 NAMES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size"}
 
