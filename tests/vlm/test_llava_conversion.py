@@ -73,6 +73,7 @@ def test_mistral_decoder(tmp_path):
     assert spec.sliding_window == 7 and spec.vision.text_architecture == "MistralForCausalLM"
 
 
+@pytest.mark.slow
 def test_parity_and_round_trips_at_tp1_tp2_pp2(llava, tmp_path):
     """Online (from the HF directory) and offline (from ``mbridge convert import``'s
     checkpoint) at every layout: logits within 1e-5 of HF's, export bit-exact."""

@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from mbridge.cli import main
 
+pytestmark = pytest.mark.slow  # every test launches training runs
+
 FINETUNE = "tiny_llava_finetune"
 
 
