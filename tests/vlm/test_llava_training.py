@@ -7,7 +7,8 @@ images of several sizes, one or two per record, and a JSONL).
   in another order);
 - a frozen vision tower comes out of training bit-identical (the exported checkpoint's
   ``vision_tower.*`` equal the source), while what trains changed;
-- TP=2 gives TP=1's losses (1e-5 relative: tensor-parallel sums reorder float32 adds);
+- TP=2 and PP=2 (the tower on the first stage) give TP=1's losses (1e-5 relative:
+  tensor-parallel sums reorder float32 adds);
 - a run stopped and resumed logs exactly the uninterrupted run's losses;
 - bad input exits 2 before a model is built, naming the problem.
 """
@@ -112,8 +113,10 @@ def test_frozen_vision_tower_is_bit_identical(work, reference, tmp_path):
         assert (tmp_path / "hf" / name).read_bytes() == (hf_dir / name).read_bytes()
 
 
-def test_tp2_gives_tp1_losses(work, reference, tmp_path):
-    finetune(work, tmp_path, "model.tensor_model_parallel_size=2", nproc=2)
+@pytest.mark.parametrize("layout", ["model.tensor_model_parallel_size=2",
+                                    "model.pipeline_model_parallel_size=2"])
+def test_tp2_and_pp2_give_tp1_losses(layout, work, reference, tmp_path):
+    finetune(work, tmp_path, layout, nproc=2)
     got, want = logged_losses(tmp_path), reference[1]
     assert [s for s, _ in got] == [s for s, _ in want]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
