@@ -171,6 +171,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="also write results here")
+    p.add_argument("--profile", default=None, metavar="VARIANT:MB",
+                   help="instead of timing: a CUDA profile of 3 steps of one variant")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny model at seq 64 for 2 steps, on CPU if there is no GPU "
                         "(variants mbridge, mbridge_canonical, hf_eager unless given)")
@@ -184,6 +186,13 @@ def main():
     gpu = torch.cuda.is_available()
     print(f"device {torch.cuda.get_device_name() if gpu else 'cpu'}, torch {torch.__version__}, "
           f"shape {shape}, seq {args.seq}, LoRA rank {RANK}", flush=True)
+    if args.profile:
+        from train_throughput import profile
+
+        variant, mb = args.profile.split(":")
+        step, keep, _ = build(variant, shape, int(mb), args.seq)
+        profile(step, args.profile)
+        return
     rows = []
     for variant in args.variants.split(","):
         for mb in map(int, args.micro_batches.split(",")):

@@ -12,6 +12,12 @@ random tokens, the loss on each document's second half. The same documents run t
            block-diagonal mask, or FlexAttention's document mask on CUDA)
   padded   one document per row, padded to ``--seq``, micro-batch 1
 
+Options joined to a variant with ``_``: ``ce`` mbridge's compiled cross entropy (TP=1),
+``compile`` each transformer layer under torch.compile, ``compilemlp`` only each layer's MLP,
+``x2`` (or ``x4``) two (four) rows per micro-batch: padded rows stacked as a batch, packed rows
+concatenated into one ``thd`` sequence (attention and positions still inside each document,
+so the work per token is the same; only the kernels see more tokens at once).
+
 Per run: real tokens/s (pad excluded) and MFU on real tokens, with
 
     flops = 6 * (N_nonembedding + V * h) * T_real + 12 * L * h * sum(len_i ** 2)
@@ -26,6 +32,7 @@ same run (8192^3 products). ``--smoke``: a tiny model on CPU in seconds, to chec
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -72,7 +79,7 @@ def model_flops(m: dict, lengths: list[int]) -> float:
     return 6 * n * tokens + 12 * L * h * sum(x * x for x in lengths)
 
 
-def rows(lengths: list[int], seq: int, vocab: int, packed: bool, seed: int):
+def rows(lengths: list[int], seq: int, vocab: int, packed: bool, seed: int, per_mb: int = 1):
     """Micro-batches (dicts of tensors) holding the documents, packed or padded."""
     from mbridge.train import packing
 
@@ -97,10 +104,26 @@ def rows(lengths: list[int], seq: int, vocab: int, packed: bool, seed: int):
         else:
             mb["position_ids"] = torch.arange(seq)[None]
         out.append(mb)
+    return [_join(out[i:i + per_mb], packed) for i in range(0, len(out), per_mb)]
+
+
+def _join(mbs: list[dict], packed: bool) -> dict:
+    """One micro-batch of several rows: stacked as a batch when padded; concatenated into one
+    ``thd`` sequence when packed (cu_seqlens shifted, each row's trailing pad its own span)."""
+    if len(mbs) == 1:
+        return mbs[0]
+    if not packed:
+        return {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
+    out = {k: torch.cat([mb[k] for mb in mbs], dim=1) for k in mbs[0] if k != "cu_seqlens"}
+    cu, at = [0], 0
+    for mb in mbs:
+        cu += [at + int(x) for x in mb["cu_seqlens"][1:]]
+        at += mb["tokens"].shape[1]
+    out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
     return out
 
 
-def build(m: dict, seq: int, device: str):
+def build(m: dict, seq: int, device: str, opts: set[str] = frozenset()):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -118,6 +141,15 @@ def build(m: dict, seq: int, device: str):
     provider.finalize()
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
     model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp)
+    from mbridge.shell import fast_layers
+
+    if "ce" in opts:
+        fast_layers.use_fused_cross_entropy(model[0].module)
+    if "compile" in opts:
+        fast_layers.compile_layers(model[0].module)
+    if "compilemlp" in opts:
+        for layer in model[0].module.decoder.layers:
+            layer.mlp.compile()
     with cuda_as_cpu():
         opt = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=1e-5, bf16=bf16, use_distributed_optimizer=True, clip_grad=1.0,
@@ -157,7 +189,8 @@ def make_step(model, opt, seq: int, device: str):
         opt.zero_grad()
         with cuda_as_cpu():
             out = fb(forward_step_func=forward_step, data_iterator=iter(batch), model=model,
-                     num_microbatches=len(batch), seq_length=seq, micro_batch_size=1,
+                     num_microbatches=len(batch), seq_length=batch[0]["tokens"].shape[1],
+                     micro_batch_size=batch[0]["tokens"].shape[0],
                      forward_only=False)
             opt.step()
         s = sum(o["lm loss"] for o in out)
@@ -178,12 +211,16 @@ def run(name: str, step, batches: list, lengths: list[int], m: dict, peak: float
     dt = time.perf_counter() - t
     assert torch.isfinite(torch.as_tensor(loss)), loss
     real = sum(lengths) - len(lengths)  # inputs: each document's last token is only a label
+    slots = sum(mb["tokens"].numel() for b in batches for mb in b)
     tflops = model_flops(m, [n - 1 for n in lengths]) / dt / 1e12
-    rows_run = sum(len(b) for b in batches)
-    return dict(variant=name, rows=rows_run, real_tokens=real,
-                fill=round(real / (rows_run * batches[0][0]["tokens"].shape[1]), 3),
+    return dict(variant=name, micro_batches=sum(len(b) for b in batches), real_tokens=real,
+                fill=round(real / slots, 3), peak_gib=round(_peak_gib(device), 1),
                 seconds=round(dt, 3), real_tokens_per_s=round(real / dt),
                 tflops=round(tflops, 2), mfu=round(tflops / peak, 3))
+
+
+def _peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
 
 
 def main() -> None:
@@ -194,13 +231,17 @@ def main() -> None:
     p.add_argument("--median", type=float, default=None,
                    help="median document length (default 500; smoke 40)")
     p.add_argument("--rows-per-step", type=int, default=8,
-                   help="micro-batches (rows) per optimizer step (default 8)")
+                   help="rows per optimizer step (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="steps run before timing")
-    p.add_argument("--variants", default="packed,padded")
+    p.add_argument("--variants", default="packed,padded",
+                   help="packed|padded, each with options joined by _ (ce, compile, "
+                        "compilemlp, x2, x4), e.g. packed_ce_compile_x2,padded_ce")
     p.add_argument("--packed-attention", choices=["auto", "flex", "sdpa"], default="auto",
                    help="without TE, packed rows attend through FlexAttention's document "
                         "mask (auto on CUDA) or SDPA with a dense block-diagonal mask")
     p.add_argument("--json", default=None, help="also write results here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: a CUDA profile of 3 steps of the first variant")
     args = p.parse_args()
     from mbridge.shell import fast_layers
 
@@ -211,8 +252,6 @@ def main() -> None:
     n_docs = args.documents or (24 if args.smoke else 256)
     lengths = documents(n_docs, seq, seed=0, median=args.median or (40 if args.smoke else 500))
     peak = matmul_tflops(device)
-    model, opt = build(m, seq, device)
-    step = make_step(model, opt, seq, device)
     from mbridge.shell.model import have_te
 
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
@@ -221,11 +260,28 @@ def main() -> None:
           f"{'TE' if have_te() else args.packed_attention}", flush=True)
     out = []
     for variant in args.variants.split(","):
-        mbs = rows(lengths, seq, m["vocab"], packed=variant == "packed", seed=1)
-        k = args.rows_per_step
+        kind, *opts = variant.split("_")
+        if kind not in ("packed", "padded") or set(opts) - {"ce", "compile", "compilemlp",
+                                                            "x2", "x4"}:
+            p.error(f"unknown variant {variant!r}")
+        per_mb = 4 if "x4" in opts else 2 if "x2" in opts else 1
+        mbs = rows(lengths, seq, m["vocab"], packed=kind == "packed", seed=1, per_mb=per_mb)
+        k = max(1, args.rows_per_step // per_mb)
         batches = [mbs[i:i + k] for i in range(0, len(mbs), k)]
+        model, opt = build(m, seq, device, set(opts))
+        step = make_step(model, opt, seq, device)
+        if args.profile:
+            from train_throughput import profile
+
+            profile(functools.partial(step, batches[0]), variant)
+            return
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         out.append(run(variant, step, batches, lengths, m, peak, device, args.warmup))
         print(json.dumps(out[-1]), flush=True)
+        del model, opt, step
+        if device == "cuda":
+            torch.cuda.empty_cache()
     if len(out) == 2:
         ratio = out[0]["real_tokens_per_s"] / out[1]["real_tokens_per_s"]
         print(f"{out[0]['variant']} / {out[1]['variant']} real tokens/s: {ratio:.2f}x")

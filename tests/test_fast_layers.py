@@ -52,3 +52,37 @@ def test_packed_document_attention_flex_equals_dense_mask():
         assert torch.allclose(flex, dense, atol=1e-5), left
     mask = document_mask(doc)
     assert mask[7, 6].item() is False and mask[8, 7].item() is True and mask[6, 0].item()
+
+
+def test_thd_rope_is_megatrons_bit_for_bit():
+    """The sync-free packed rope (``install_thd_rope``) gives Megatron-Core's own ``thd``
+    rope bit for bit, values and input grads, in both of its frequency cases (positions
+    restarting per document; frequencies for every packed position), plain and interleaved."""
+    cpu_shim.apply()
+    import torch.distributed as tdist
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from mbridge.shell import dist, fast_layers
+    from mbridge.specs import ParallelSpec
+
+    dist.init(ParallelSpec())
+    fast_layers.install_thd_rope()
+    original, mine = fast_layers._ORIGINAL_THD_ROPE, rope_utils._apply_rotary_pos_emb_thd
+    assert mine is fast_layers._thd_rope and original is not mine
+    cp = tdist.new_group([0])
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 19, 30, 37], dtype=torch.int32)  # a 1-token document included
+    assert fast_layers.thd_positions(cu, 37).tolist() == \
+        [*range(5), 0, *range(13), *range(11), *range(7)]
+    for interleaved in (False, True):
+        for n_freqs in (16, 37):  # max document length (case 2) / every position (case 1)
+            t = torch.randn(37, 4, 8, generator=gen)
+            freqs = torch.randn(n_freqs, 1, 1, 6, generator=gen)  # partial rotary: 6 of 8
+            outs = []
+            for fn in (original, mine):
+                x = t.clone().requires_grad_()
+                y = fn(x, cu, freqs, rotary_interleaved=interleaved, cp_group=cp)
+                (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+                outs.append((y.detach(), x.grad))
+            assert torch.equal(outs[0][0], outs[1][0]), (interleaved, n_freqs)
+            assert torch.equal(outs[0][1], outs[1][1]), (interleaved, n_freqs)

@@ -84,7 +84,11 @@ class SiteAdapter(torch.nn.Module):
         self.adapted, self.spec, self.group = adapted, spec, group
         self.split, self.fuse = split_fn(adapted.site, model), fuse_fn(adapted.site, model)
         self.enabled = True
-        self.dropout = torch.nn.Dropout(spec.dropout)
+        self.dropout = torch.nn.Dropout(spec.dropout) if spec.dropout else torch.nn.Identity()
+        # a group of one needs no region mappings (identity both ways); skipping them also
+        # keeps a compiled layer in one graph (Megatron-Core's wrappers break torch.compile)
+        self.tp = dist.get_world_size(group) if group is not None and dist.is_initialized() \
+            else 1
         if None in parts:  # one adapter over the linear: its tensors sit here
             tensors = parts[None]
             self.linear_in = _Weight(tensors["linear_in.weight"])
@@ -105,6 +109,8 @@ class SiteAdapter(torch.nn.Module):
         from megatron.core.tensor_parallel import mappings
 
         h = torch.nn.functional.linear(x, part.linear_in.weight)
+        if self.tp == 1:
+            return h
         if self.adapted.site.parallel == "row":
             return mappings.reduce_from_tensor_model_parallel_region(h, group=self.group)
         return mappings.copy_to_tensor_model_parallel_region(h, group=self.group)
@@ -201,6 +207,7 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
     parallel, rank = groups.parallel, groups.rank
     for p in (p for c in chunks for p in c.parameters()):
         p.requires_grad_(False)
+    _name_frozen_groups(chunks)
     global_shapes = shapes(adapter, spec)
     for a in selection(adapter, spec):
         places = [(c, local) for pp, c, _, local in placement(a.module + ".weight", spec, parallel)
@@ -231,6 +238,25 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
             _init_magnitude(site, module.weight)
         module.register_forward_hook(_forward_hook)
     return chunks
+
+
+def _name_frozen_groups(chunks: list) -> None:
+    """Hand every frozen local linear its own TP group in the forward. Megatron-Core's
+    ``RowParallelLinear`` passes ``tp_group=None`` to ``linear_with_frozen_weight``, which
+    then looks the default group up and warns, on every call: a Python warning per linear
+    per step, and a graph break that splits a compiled layer at each frozen linear."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    for m in (m for c in chunks for m in c.modules()):
+        if type(m) in (ColumnParallelLinear, RowParallelLinear) and \
+                getattr(m, "tp_group", None) is not None:
+            m._forward_impl = partial(_frozen_forward_impl, m._forward_impl, m.tp_group)
+
+
+def _frozen_forward_impl(impl, group, *args, **kwargs):
+    if kwargs.get("tp_group", group) is None:
+        kwargs["tp_group"] = group
+    return impl(*args, **kwargs)
 
 
 def _sharded_state_dict(module, prefix="", sharded_offsets=(), metadata=None):

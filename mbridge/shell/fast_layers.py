@@ -42,8 +42,9 @@ class SDPAttention(DotProductAttention):
         t = query.shape[0]
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
         bounds = packed.cu_seqlens_q.to(query.device).long()
+        # output_size: no device-to-host sync to size the result (one per layer otherwise)
         doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=query.device),
-                                      bounds[1:] - bounds[:-1])
+                                      bounds[1:] - bounds[:-1], output_size=t)
         window = self.scale_mask_softmax.window_size
         left = None if window is None else window[0]
         if packed_kernel(query) == "flex":
@@ -179,3 +180,50 @@ def use_fused_cross_entropy(model, compile_: bool = True) -> None:
         return fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
     model.compute_language_model_loss = compute_language_model_loss
+
+
+def thd_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each token's position inside its document, ``[total]``, for a packed row whose
+    documents end at ``cu_seqlens`` (covering all ``total`` tokens); computed where the
+    boundaries are, with no device-to-host sync."""
+    at = torch.arange(total, device=cu_seqlens.device)
+    cu = cu_seqlens.long()
+    doc = torch.searchsorted(cu[1:], at, right=True)
+    return at - cu[doc]
+
+
+def _thd_rope(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
+              mscale=1.0, cp_group=None):
+    """Megatron-Core's unfused ``thd`` rope (``rope_utils._apply_rotary_pos_emb_thd``) for a
+    context-parallel size of 1, with the per-document frequencies gathered by position in
+    one indexing op instead of a split, a Python loop and two ``.tolist()``/``bool`` syncs
+    per call (two calls per layer, each draining the GPU queue). The same elementwise math
+    on the same values: bit-identical. Other context-parallel sizes go to the original."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if cp_group is None or cp_group.size() != 1:
+        return _ORIGINAL_THD_ROPE(t, cu_seqlens, freqs, rotary_interleaved,
+                                  multi_latent_attention, mscale, cp_group)
+    if freqs.shape[0] == t.shape[0]:
+        # Megatron-Core's case 1 (freqs hold every packed position; with one context-parallel
+        # rank the documents tile t, so cu_seqlens[-1] == t): the slices, joined, are freqs
+        packed = freqs
+    else:  # case 2: every document starts at position 0
+        packed = freqs[thd_positions(cu_seqlens.to(t.device), t.shape[0])]
+    return rope_utils._apply_rotary_pos_emb_bshd(
+        t.unsqueeze(1), packed, rotary_interleaved=rotary_interleaved,
+        multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+
+
+_ORIGINAL_THD_ROPE = None
+
+
+def install_thd_rope() -> None:
+    """Route Megatron-Core's unfused ``thd`` rope through ``_thd_rope`` (idempotent). Called
+    by ``shell.forward.packed_seq_params``, i.e. whenever mbridge runs packed rows."""
+    global _ORIGINAL_THD_ROPE
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if _ORIGINAL_THD_ROPE is None:
+        _ORIGINAL_THD_ROPE = rope_utils._apply_rotary_pos_emb_thd
+        rope_utils._apply_rotary_pos_emb_thd = _thd_rope

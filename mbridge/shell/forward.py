@@ -78,6 +78,9 @@ def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None):
     at ``cu_seqlens`` ``[documents + 1]``: rope restarts and attention stays inside each."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    from mbridge.shell.fast_layers import install_thd_rope
+
+    install_thd_rope()
     cu = cu_seqlens.to(torch.int32).contiguous()
     longest = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
