@@ -23,6 +23,16 @@ EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 
+# Vision-language models follow Megatron-Core's MIMO structure
+# (megatron/core/models/mimo/model/base.py): ``modality_submodules.<modality>.encoders.<name>.``
+# and ``...input_projections.<i>.`` beside the ``language_model.`` (a GPTModel). Mappings name
+# the language model's tensors as a GPTModel's (no prefix), so every layer rule holds for
+# them; ``module_key`` maps a built model's state-dict name to that name.
+LANGUAGE_MODEL = "language_model."
+MODALITY = "modality_submodules."
+MC_VISION = MODALITY + "images.encoders.clip."
+MC_PROJECTOR = MODALITY + "images.input_projections.0."
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.?mlp\.experts\.local_experts\.(\d+)\.")
@@ -44,6 +54,18 @@ def hf_layer_of(hf_key: str) -> int | None:
     """``"model.layers.7.mlp.up_proj.weight" -> 7``; None outside the layers."""
     match = _HF_LAYER.match(hf_key)
     return int(match.group(1)) if match else None
+
+
+def is_modality_key(mcore_key: str) -> bool:
+    """Whether an mcore key names a modality submodule's tensor (a vision tower or projector,
+    which live on the first pipeline stage)."""
+    return mcore_key.startswith(MODALITY)
+
+
+def module_key(key: str) -> str:
+    """A vision-language model's state-dict name -> its mcore name:
+    ``"language_model.decoder.layers.0.x" -> "decoder.layers.0.x"``; others unchanged."""
+    return key[len(LANGUAGE_MODEL):] if key.startswith(LANGUAGE_MODEL) else key
 
 
 def expert_of(key: str) -> int | None:

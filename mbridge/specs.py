@@ -127,6 +127,47 @@ class MLASpec(Spec, frozen=True, kw_only=True):
     v_head_dim: int
 
 
+class VisionSpec(Spec, frozen=True, kw_only=True):
+    """The vision side of a vision-language model (LLaVA): a vision tower kept as the HF
+    module built from ``tower_config`` (the HF ``vision_config``, canonical JSON) and
+    replicated over tensor-parallel ranks, the features of ``feature_layers`` (hidden states
+    indices, concatenated; ``select_strategy="default"`` drops the CLS token), a two-layer MLP
+    projector ``[len(feature_layers) * hidden_size] -> [text hidden]`` with activation
+    ``projector_act``, and the placeholder token ``image_token_id`` that the projected features
+    replace, ``tokens_per_image`` of them per image. ``text_architecture`` names the language
+    model's own architecture (``LlamaForCausalLM``)."""
+
+    tower: Literal["clip"] = "clip"
+    tower_config: str
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    feature_layers: tuple[int, ...] = (-2,)
+    select_strategy: Literal["default", "full"] = "default"
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    image_token_id: int
+    text_architecture: str
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        for layer in self.feature_layers:
+            if not -(self.num_layers + 1) <= layer <= self.num_layers:
+                raise ValueError(f"vision_feature_layer={layer} is outside the vision tower's "
+                                 f"{self.num_layers + 1} hidden states")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """``(image_size / patch_size) ** 2`` patches, plus the CLS token with ``"full"``."""
+        patches = (self.image_size // self.patch_size) ** 2
+        return patches + (self.select_strategy == "full")
+
+
 class ModelSpec(Spec, frozen=True, kw_only=True):
     """A decoder-only LLM, normalised across HF families.
 
@@ -174,6 +215,8 @@ class ModelSpec(Spec, frozen=True, kw_only=True):
     local_rope: RopeSpec | None = None
     moe: MoESpec | None = None
     mla: MLASpec | None = None
+    # vision-language models: the vision tower and projector in front of this decoder
+    vision: VisionSpec | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_heads",

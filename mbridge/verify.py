@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from mbridge import config as mconfig
+from mbridge import keys
 from mbridge.architectures import registry
 from mbridge.bridge import AutoBridge
 from mbridge.io.checks import check_hf, open_mcore
 from mbridge.io.hf import HFCheckpoint
 from mbridge.offline import progress_bar, read_mcore_group
+from mbridge.sharding.dist_checkpoint import checkpoint_key
 from mbridge.shell import forward
 from mbridge.specs import ModelSpec, differences
 
@@ -71,7 +73,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, logits: b
                 bar.update(ckpt.nbytes(key))
             ckpt.close()
     if logits:
-        dtype = reader.dtype("embedding.word_embeddings.weight")
+        dtype = reader.dtype(checkpoint_key(keys.EMBEDDING, spec))
         report.logits_diff = logits_diff(hf_dir, mcore_dir, spec, dtype)
     return report
 
@@ -93,18 +95,26 @@ def logits_diff(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, spec: M
     weights are rounded to ``dtype`` (the checkpoint's) first, so both hold the same values."""
     import warnings
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=gen)
+    inputs = {}
+    if spec.vision is not None:  # one random image per row, its tokens first
+        v = spec.vision
+        ids[ids == v.image_token_id] = (v.image_token_id + 1) % spec.vocab_size
+        ids = torch.cat([torch.full((batch, v.tokens_per_image), v.image_token_id), ids], 1)
+        inputs["pixel_values"] = torch.randn(batch, v.num_channels, v.image_size, v.image_size,
+                                             generator=gen)
     provider = AutoBridge.from_mcore_checkpoint(mcore_dir).to_megatron_provider()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Megatron-Core's and DCP's deprecation notices
         model = provider.finalize().provide_distributed_model()
-    got = forward.logits(model, ids, provider.parallel_spec(), spec.vocab_size, spec.hidden_size)
+    got = forward.logits(model, ids, provider.parallel_spec(), spec.vocab_size, spec.hidden_size,
+                         **inputs)
     del model
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype,
-                                              attn_implementation="eager").float().eval()
+    auto = AutoModelForCausalLM if spec.vision is None else AutoModelForImageTextToText
+    hf = auto.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager").float().eval()
     with torch.no_grad():
-        ref = hf(ids).logits
+        ref = hf(input_ids=ids, **inputs).logits
     return (got - ref).abs().max().item()

@@ -8,6 +8,7 @@ from mbridge.architectures import (  # noqa: F401  (register)
     gemma,
     gpt_oss,
     llama,
+    llava,
     mistral,
     mixtral,
     qwen2,

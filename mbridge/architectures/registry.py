@@ -48,6 +48,9 @@ class Architecture:
     # keyword options of ``mapping`` that read a checkpoint's own key layout (for example
     # experts stacked in one tensor rather than one tensor each); None: no options
     hf_options: Callable[[Iterable[str]], dict[str, Any]] | None = None
+    # every mcore tensor outside the language model (a vision tower and its projector),
+    # by mcore name; None: there are none
+    module_shapes: Callable[[ModelSpec], Shapes] | None = None
 
     def options_for(self, hf_keys: Iterable[str]) -> dict[str, Any]:
         """The mapping options matching a checkpoint with these keys."""
@@ -77,6 +80,8 @@ def _shapes(arch: Architecture, spec: ModelSpec) -> Shapes:
     shapes[keys.FINAL_NORM] = (h,)
     if not spec.tie_embeddings:
         shapes[keys.OUTPUT] = (spec.vocab_size, h)
+    if arch.module_shapes is not None:
+        shapes.update(arch.module_shapes(spec))
     return shapes
 
 

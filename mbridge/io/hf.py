@@ -31,7 +31,9 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-              "chat_template.jinja", "added_tokens.json")
+              "chat_template.jinja", "added_tokens.json",
+              # processors of vision-language models (image resizing, placeholder expansion)
+              "preprocessor_config.json", "processor_config.json", "chat_template.json")
 
 
 _ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2,

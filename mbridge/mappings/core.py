@@ -109,6 +109,33 @@ def at(mapping: Mapping, **slots: int) -> Mapping:
     )
 
 
+def rekey(mapping: Mapping, *, hf: Callable[[str], str] = str,
+          mcore: Callable[[str], str] = str) -> Mapping:
+    """The same mapping under other names: ``hf``/``mcore`` rename each side's keys
+    (injective). ``rekey(rename("model.norm.weight", k), hf=swap_prefix("model.",
+    "language_model.model."))`` reads ``language_model.model.norm.weight``."""
+    hf_names = {k: hf(k) for k in mapping.hf_layouts}
+    mc_names = {k: mcore(k) for k in mapping.mcore_layouts}
+    hf_back = {v: k for k, v in hf_names.items()}
+    mc_back = {v: k for k, v in mc_names.items()}
+
+    def to_mcore(tree: Tree) -> Tree:
+        out = mapping.to_mcore({hf_back[k]: v for k, v in tree.items()})
+        return {mc_names[k]: v for k, v in out.items()}
+
+    def to_hf(tree: Tree) -> Tree:
+        out = mapping.to_hf({mc_back[k]: v for k, v in tree.items()})
+        return {hf_names[k]: v for k, v in out.items()}
+
+    return Mapping({hf_names[k]: v for k, v in mapping.hf_layouts.items()},
+                   {mc_names[k]: v for k, v in mapping.mcore_layouts.items()}, to_mcore, to_hf)
+
+
+def swap_prefix(old: str, new: str) -> Callable[[str], str]:
+    """``swap_prefix("model.", "m.")("model.x") == "m.x"``; keys without ``old`` unchanged."""
+    return lambda key: new + key[len(old):] if key.startswith(old) else key
+
+
 def per_layer(template: Mapping, num_layers: int) -> tuple[Mapping, ...]:
     """One mapping per layer from a template written with ``{i}``."""
     return tuple(at(template, i=i) for i in range(num_layers))

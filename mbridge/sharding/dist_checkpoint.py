@@ -23,6 +23,9 @@ dir)`` at whatever TP/PP/VPP/EP the model was built with:
   swiglu ``ShardedTensorFactory`` places each rank's gate and up rows there, as two chunks
   (``pieces``). mbridge writes one chunk per tensor and layer (``to_chunks``); readers
   assemble any chunking, so both load at any layout.
+- A vision-language model (Megatron-Core's MIMO structure) holds its GPTModel's tensors
+  under ``language_model.`` and its vision tower and projector as they are named
+  (``modality_submodules.images...``, replicated, no layer axis).
 - ``embedding.word_embeddings.weight``, ``output_layer.weight`` (untied only) and
   ``decoder.final_layernorm.weight`` keep their names and shapes. Vocabulary tensors are
   stored unpadded, ``[vocab_size, hidden]``: Megatron-Core marks them
@@ -96,6 +99,10 @@ def placement(mcore_key: str, spec: ModelSpec) -> tuple[str, tuple[int, ...], tu
     ``"decoder.layers.2.mlp.experts.local_experts.5.linear_fc1.weight"`` in a 4-layer,
     8-expert all-MoE model -> ``("decoder.layers.mlp.experts.experts.linear_fc1.weight",
     (2, 5), (4, 8))``."""
+    if spec.vision is not None and not keys.is_modality_key(mcore_key):
+        # a vision-language model's GPTModel is its ``language_model`` (MIMO's structure)
+        key, offsets, sizes = placement(mcore_key, spec.replace(vision=None))
+        return keys.LANGUAGE_MODEL + key, offsets, sizes
     found = keys.layer_of(mcore_key)
     if found is None:
         return mcore_key, (), ()

@@ -79,13 +79,16 @@ def key_placement(key: str, num_layers: int, parallel: ParallelSpec,
 
     Layer keys move to their chunk's local index; the embedding sits in the first chunk and,
     when tied and pipelined, also in the last chunk as ``output_layer.weight`` (Megatron-Core
-    keeps that copy in sync itself); everything else outside the layers sits in the last chunk.
+    keeps that copy in sync itself); modality submodules (a vision tower, its projector) sit
+    in the first chunk; everything else outside the layers sits in the last chunk.
     ``("decoder.layers.3.mlp.linear_fc2.weight", 4, pp=2) -> ((1, 0, "decoder.layers.1..."),)``
     """
     found = keys.layer_of(key)
     if found is not None:
         stage, chunk, local = layer_placement(num_layers, parallel)[found[0]]
         return ((stage, chunk, keys.with_layer(local, found[1])),)
+    if keys.is_modality_key(key):  # a vision tower or projector feeds the first stage
+        return ((*first_chunk(parallel), key),)
     if key == EMBEDDING:
         places = [(*first_chunk(parallel), key)]
         if tie_embeddings and parallel.pp > 1:

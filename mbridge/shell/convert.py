@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from mbridge import keys
 from mbridge.io.hf import CheckpointError, HFCheckpoint
-from mbridge.keys import local_key, sequential_key, split_index
+from mbridge.keys import local_key, module_key, sequential_key, split_index
 from mbridge.mappings.core import Mapping
 from mbridge.mappings.stacked import coverage, restack, stacked_counts
 from mbridge.sharding import shard, shard_ranges, unshard
@@ -31,8 +31,9 @@ from mbridge.specs import ModelSpec, ParallelSpec, RankSpec
 
 def _params(chunks: Sequence[torch.nn.Module]) -> list[dict[str, torch.Tensor]]:
     """Per chunk, its tensors by local-spec mcore name (Transformer Engine names, TEGroupedMLP
-    expert names included, mapped back)."""
-    return [{sequential_key(local_key(k)): v for k, v in chunk.state_dict(keep_vars=True).items()
+    expert names and a vision-language model's ``language_model.`` prefix mapped back)."""
+    return [{sequential_key(local_key(module_key(k))): v
+             for k, v in chunk.state_dict(keep_vars=True).items()
              if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
             for chunk in chunks]
 

@@ -23,10 +23,11 @@ def _order(parallel: ParallelSpec):
 @torch.no_grad()
 def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_size: int,
            hidden_size: int, dtype: torch.dtype = torch.float32,
-           groups: Groups | None = None) -> torch.Tensor:
+           groups: Groups | None = None, **inputs) -> torch.Tensor:
     """``[batch, seq, vocab_size]`` float32 logits of ``input_ids`` ``[batch, seq]``, on the CPU
     of every rank of the model's groups (``groups``; None: the groups the chunks were built
-    on)."""
+    on). ``inputs``: more model inputs for the first stage (a vision-language model's
+    ``pixel_values``)."""
     chunks = unwrap(chunks)
     groups = groups or groups_of(chunks)
     device = next(chunks[0].parameters()).device
@@ -45,7 +46,8 @@ def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_
             dist.recv(hidden, src=dist.get_global_rank(pp_group, order[step - 1][0]),
                       group=pp_group)
             model.set_input_tensor(hidden)
-        out = model(ids, pos, attention_mask=None)
+        out = model(ids, pos, attention_mask=None,
+                    **({k: v.to(device) for k, v in inputs.items()} if stage == 0 else {}))
         if step + 1 < len(order):
             dist.send(out.contiguous(), dst=dist.get_global_rank(pp_group, order[step + 1][0]),
                       group=pp_group)

@@ -24,7 +24,7 @@ from mbridge import config as mconfig
 from mbridge.architectures import registry
 from mbridge.rope import rope_inv_freq
 from mbridge.sharding.dist_checkpoint import checkpoint_renames
-from mbridge.shell import cpu_shim, dist
+from mbridge.shell import cpu_shim, dist, vlm
 from mbridge.shell.module_spec import building, built_class, submodules_of
 from mbridge.specs import ModelSpec, ParallelSpec, torch_dtype
 
@@ -171,9 +171,14 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
         lspec = build.layers(spec, cfg, use_te=te, attention=attention, vp_stage=vp_stage,
                              pp_rank=pp_rank)
         extra = {} if pg_collection is None else dict(pg_collection=pg_collection)
-        model = GPTModel(cfg, lspec, pre_process=first, post_process=last, vp_stage=vp_stage,
-                         **mconfig.gpt_model_kwargs(spec, parallel), **extra)
-        build.finish(model, spec)
+        params = dict(config=cfg, transformer_layer_spec=lspec, pre_process=first,
+                      post_process=last, vp_stage=vp_stage,
+                      **mconfig.gpt_model_kwargs(spec, parallel), **extra)
+        if spec.vision is None:
+            model = GPTModel(**params)
+        else:  # MIMO: the vision modality (first chunk) beside the GPTModel
+            model = vlm.build(spec.vision, spec.hidden_size, params, first)
+        build.finish(vlm.language_model(model), spec)
         if not cfg.perform_initialization:
             mark_tensor_parallel(model)
         cast_torch_norms(model, cfg.params_dtype)

@@ -25,7 +25,7 @@ import torch.distributed as tdist
 from mbridge import config as mconfig
 from mbridge.io.hf import CheckpointError
 from mbridge.io.mcore import HF_DIR
-from mbridge.shell import checkpoint, data, dist, sft, weights
+from mbridge.shell import checkpoint, data, dist, image_text, sft, weights
 from mbridge.shell.logger import TrainLogger, check_wandb
 from mbridge.train import cadence
 from mbridge.train.config import ConfigError, RunConfig, adapter_spec
@@ -88,9 +88,11 @@ class DataContext:
         self.notes.append(text)
 
 
-def _provider(cfg: RunConfig, dataset_provider):
+def _provider(cfg: RunConfig, dataset_provider, spec):
     if dataset_provider is not None:
         return dataset_provider
+    if cfg.data.dataset_root is not None and spec.vision is not None:
+        return image_text.build_datasets
     if cfg.data.dataset_root is not None:
         sft.check_root(cfg)
         return sft.build_datasets
@@ -142,6 +144,7 @@ def check(cfg: RunConfig, world: int | None = None) -> Checked:
         p = parallel_spec(cfg)
         world = p.tp * p.pp * p.cp
     plan = plan_run(cfg, model[0], world)
+    check_vision(cfg, model[0], tokenizer_dir(cfg, model[1]))
     data.check_paths(cfg)
     data.check_splits(cfg)
     if cfg.data.dataset_root is not None:
@@ -149,6 +152,33 @@ def check(cfg: RunConfig, world: int | None = None) -> Checked:
     resume = _resume_path(cfg)
     checkpoint.check_save_target(cfg.checkpoint.save, resume)
     return Checked(model, plan, resume)
+
+
+def check_vision(cfg: RunConfig, spec, processor_dir) -> None:
+    """The freeze keys name parts a model has; a vision-language model trains on image-text
+    records (``data.dataset_root``) made by its processor."""
+    m = cfg.model
+    frozen = [k for k in ("freeze_language_model", "freeze_vision_model",
+                          "freeze_vision_projection") if getattr(m, k)]
+    if spec.vision is None:
+        if frozen:
+            raise ConfigError(f"model.{frozen[0]}=true, but {spec.architecture} has no vision "
+                              "model; these keys are for vision-language models")
+        return
+    if len(frozen) == 3:
+        raise ConfigError("model.freeze_language_model, freeze_vision_model and "
+                          "freeze_vision_projection are all true: nothing would train")
+    if cfg.data.dataset_root is None:
+        raise ConfigError(f"{spec.architecture} trains on image-text records: set "
+                          "data.dataset_root (training.jsonl with 'images' and 'text', see "
+                          "docs/vision_language.md)")
+    if cfg.model.sequence_parallel:
+        raise ConfigError("model.sequence_parallel=true is not supported for vision-language "
+                          "models yet (the image features enter the full sequence)")
+    if cfg.model.context_parallel_size > 1:
+        raise ConfigError("model.context_parallel_size > 1 is not supported for "
+                          "vision-language models yet")
+    image_text.check_processor(processor_dir)
 
 
 class _StopSignal:
@@ -197,7 +227,7 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
         raise ConfigError("peft.adapters_only_checkpoint=true needs the base weights from "
                           "model.hf_path or checkpoint.pretrained_checkpoint; set one, or "
                           "peft.adapters_only_checkpoint=false")
-    provider = _provider(cfg, dataset_provider)
+    provider = _provider(cfg, dataset_provider, spec)
     context = DataContext(cfg, spec, tokenizer_dir(cfg, source))
     datasets = provider(context) if provider is not None else None
     groups = dist.init(plan.parallel, seed=cfg.rng.seed)

@@ -18,12 +18,14 @@ from functools import partial
 import torch
 import torch.distributed as tdist
 
+from mbridge import keys
 from mbridge.adapters.spec import AdapterSpec
 from mbridge.shell import adapters
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.dist import Groups
 from mbridge.shell.forward import packed_seq_params
 from mbridge.shell.model import provide
+from mbridge.shell.vlm import language_model
 from mbridge.specs import ModelSpec
 from mbridge.train.config import ModelConfig, OptimizerConfig, ParallelConfig
 from mbridge.train.plan import RunPlan
@@ -38,6 +40,19 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     total = torch.sum(output.float().reshape(-1) * mask)
     tokens = mask.sum().to(torch.int)
     return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
+
+
+def freeze(chunks: list, *, model: ModelConfig) -> None:
+    """A pre-wrap hook: the parts ``model.freeze_*`` name keep their loaded values (no
+    gradient; DDP and the optimizer leave them out). Parts by mcore name (``keys``): the
+    vision tower, its projection, everything else (the language model)."""
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            part = ("vision_model" if name.startswith(keys.MC_VISION) else
+                    "vision_projection" if name.startswith(keys.MC_PROJECTOR) else
+                    "language_model")
+            if getattr(model, f"freeze_{part}"):
+                param.requires_grad_(False)
 
 
 def _p2p_settings(plan: RunPlan) -> dict:
@@ -71,8 +86,9 @@ class MegatronRuntime:
         extra = dict(calculate_per_token_loss=True, init_method_std=m.init_method_std,
                      hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
                      sequence_parallel=m.sequence_parallel, **_p2p_settings(plan))
-        hook = None if peft is None else partial(adapters.apply, adapter=peft, spec=spec,
-                                                 seed=seed)
+        hook = [partial(freeze, model=model)]
+        if peft is not None:
+            hook.append(partial(adapters.apply, adapter=peft, spec=spec, seed=seed))
         self.peft = peft
         self.model = provide(spec, plan.parallel, groups, weights=weights, dtype=dtype,
                              config_extra=extra, wrap_with_ddp=True,
@@ -92,7 +108,7 @@ class MegatronRuntime:
         if fused is None:
             fused = torch.cuda.is_available() and m.tensor_model_parallel_size == 1
         for chunk in self.model:
-            gpt = chunk.module
+            gpt = language_model(chunk.module)
             if fused and gpt.post_process:
                 use_fused_cross_entropy(gpt)
             if m.compile_layers:
@@ -206,6 +222,8 @@ class MegatronRuntime:
         if "cu_seqlens" in mb:  # packed documents: attention and rope stay inside each
             extra["packed_seq_params"] = packed_seq_params(mb["cu_seqlens"],
                                                            self.groups.collection.cp)
+        if "pixel_values" in mb:  # a vision-language model's images (first stage reads them)
+            extra["pixel_values"] = mb["pixel_values"]
         output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], **extra)
         return output, partial(_loss_func, mb["loss_mask"])
 

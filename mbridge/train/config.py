@@ -57,6 +57,10 @@ class ModelConfig(Section, frozen=True, kw_only=True):
     # (None: on with CUDA at TP=1), and each transformer layer under torch.compile
     compiled_cross_entropy: bool | None = None
     compile_layers: bool = False
+    # vision-language models: parts left as loaded (no gradient, no optimizer state)
+    freeze_language_model: bool = False
+    freeze_vision_model: bool = False
+    freeze_vision_projection: bool = False
 
 
 class ParallelConfig(Section, frozen=True, kw_only=True):

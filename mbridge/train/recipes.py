@@ -8,11 +8,13 @@ Architectures are those of the public HF configs (``meta-llama/Llama-3.2-1B``,
 Megatron-Bridge's pretraining recipes for the same models. ``hf_path`` starts from a
 converted HF checkpoint instead of random init (the architecture then comes from it).
 ``tiny_llama_pretrain`` trains on a laptop CPU in seconds with mock data.
-The ``*_finetune`` recipes start from ``checkpoint.pretrained_checkpoint`` (an HF directory or
-a distributed checkpoint) and read SFT JSONL from ``data.dataset_root``. The ``*_peft``
-recipes are the same runs with LoRA on (``peft`` section: dim 32, alpha 32 on linear_qkv,
-linear_proj, linear_fc1, linear_fc2, experts included; the base frozen, adapters-only
-checkpoints) at lr 1e-4, as Megatron-Bridge's PEFT recipes; ``peft.scheme=dora`` for DoRA.
+``tiny_llava_pretrain``/``tiny_llava_finetune`` train a vision-language model (LLaVA) on
+image-text records. The other ``*_finetune`` recipes start from
+``checkpoint.pretrained_checkpoint`` (an HF directory or a distributed checkpoint) and read SFT
+JSONL from ``data.dataset_root``. The ``*_peft`` recipes are the same runs with LoRA on
+(``peft`` section: dim 32, alpha 32 on linear_qkv, linear_proj, linear_fc1, linear_fc2, experts
+included; the base frozen, adapters-only checkpoints) at lr 1e-4, as Megatron-Bridge's PEFT
+recipes; ``peft.scheme=dora`` for DoRA.
 """
 
 from __future__ import annotations
@@ -242,12 +244,48 @@ def tiny_llama_peft(pretrained_checkpoint: str | None = None,
                  lr=1e-3)
 
 
+def tiny_llava_pretrain(hf_path: str | None = None,
+                        dataset_root: str | None = None) -> RunConfig:
+    """LLaVA's first stage on a tiny model (from ``hf_path``, an HF LLaVA directory with its
+    processor) in fp32 on a CPU: only the vision projection trains (language and vision
+    models frozen), on image-text records (``data.dataset_root``/training.jsonl: ``images``
+    and ``text``), loss on the text tokens; sequence 64, 6 steps of 4 samples."""
+    return RunConfig(
+        model=ModelConfig(hf_path=hf_path, seq_length=64, make_vocab_size_divisible_by=32,
+                          freeze_language_model=True, freeze_vision_model=True),
+        train=TrainConfig(train_iters=6, global_batch_size=4, micro_batch_size=2,
+                          eval_iters=0),
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.0, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=1, lr_decay_style="cosine"),
+        data=DataConfig(dataset_root=dataset_root),
+        logging=LoggingConfig(output_dir="runs/tiny_llava_pretrain", log_interval=1),
+        mixed_precision="fp32")
+
+
+def tiny_llava_finetune(pretrained_checkpoint: str | None = None,
+                        dataset_root: str | None = None) -> RunConfig:
+    """LLaVA's second stage on a tiny model (from ``pretrained_checkpoint``): the language
+    model and the projection train, the vision tower stays frozen; records with ``images``,
+    ``prompt`` and ``completion`` score the completion only (``text`` records all text)."""
+    return RunConfig(
+        model=ModelConfig(seq_length=64, make_vocab_size_divisible_by=32,
+                          freeze_vision_model=True),
+        train=TrainConfig(train_iters=6, global_batch_size=4, micro_batch_size=2,
+                          eval_iters=0),
+        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.0, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=1, lr_decay_style="cosine"),
+        data=DataConfig(dataset_root=dataset_root),
+        checkpoint=CheckpointConfig(pretrained_checkpoint=pretrained_checkpoint),
+        logging=LoggingConfig(output_dir="runs/tiny_llava_finetune", log_interval=1),
+        mixed_precision="fp32")
+
+
 RECIPES: dict[str, Callable[..., RunConfig]] = {
     f.__name__: f for f in (llama32_1b_pretrain, llama3_8b_pretrain, qwen3_8b_pretrain,
                             tiny_llama_pretrain, llama32_1b_finetune, llama3_8b_finetune,
                             qwen3_8b_finetune, qwen3_30b_a3b_finetune, tiny_llama_finetune,
                             llama32_1b_peft, llama3_8b_peft, qwen3_8b_peft, qwen3_30b_a3b_peft,
-                            tiny_llama_peft)}
+                            tiny_llama_peft, tiny_llava_pretrain, tiny_llava_finetune)}
 
 
 def get(name: str) -> Callable[..., RunConfig]:

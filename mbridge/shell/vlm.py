@@ -1,0 +1,153 @@
+"""Vision-language models on Megatron-Core, in Megatron-Core's MIMO structure
+(``megatron/core/models/mimo``): ``modality_submodules["images"]`` (a
+``VisionModalitySubmodules``: the encoder ``clip`` and one input projection) beside the
+``language_model`` (a ``GPTModel``), the image placeholder tokens of ``input_ids`` replaced
+by the projected features (``MimoModel.align_embeddings_by_token_positions``).
+
+The vision tower and projector are Hugging Face's own modules (``CLIPVisionModel``,
+``LlavaMultiModalProjector``), built from the checkpoint's ``vision_config`` and replicated
+over tensor-parallel ranks: every rank computes the same features, the gradient that reaches
+them is already summed over the tensor-parallel group (the first layer's column-parallel
+input), so they need no collective of their own and compute exactly what HF computes.
+``VisionLanguageModel`` adds to ``MimoModel`` what a pipeline stage needs: the modality
+submodules live on the first stage only, later stages run the language model on the
+activations they receive, and the language model's output (logits or loss) is returned as
+``GPTModel`` returns it, so Megatron-Core's schedules and mbridge's forward take it as one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+from mbridge.specs import VisionSpec
+
+
+@functools.cache
+def _submodules_class():
+    from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+
+    class LlavaVisionSubmodules(VisionModalitySubmodules):
+        """The tower's hidden states of ``vision.feature_layers`` (CLS dropped for the
+        ``default`` strategy), concatenated, as ``LlavaModel.get_image_features`` selects
+        them, flattened to ``[images * tokens_per_image, layers * hidden]`` for the
+        projection."""
+
+        def __init__(self, *, vision: VisionSpec, **kwargs):
+            super().__init__(**kwargs)
+            self.feature_layers = vision.feature_layers
+            self.drop_cls = vision.select_strategy == "default"
+
+        def encode(self, encoders_data_batch):
+            pixels = encoders_data_batch["clip"]["pixel_values"]
+            tower = self.encoders["clip"]
+            pixels = pixels.to(next(tower.parameters()).dtype)
+            out = tower(pixel_values=pixels, output_hidden_states=True, return_dict=True)
+            feats = [out.hidden_states[i] for i in self.feature_layers]
+            if self.drop_cls:
+                feats = [f[:, 1:] for f in feats]
+            feats = torch.cat(feats, dim=-1)
+            return [feats.reshape(-1, feats.shape[-1])]
+
+    return LlavaVisionSubmodules
+
+
+def modality_spec(vision: VisionSpec, text_hidden: int):
+    """The ``images`` modality as Megatron-Core's ``ModuleSpec``: HF's CLIP tower from the
+    checkpoint's ``vision_config``, HF's LLaVA projector."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    tower_cfg = CLIPVisionConfig(**json.loads(vision.tower_config))
+    # the projector reads only these fields of a LlavaConfig
+    layers = vision.feature_layers
+    projector_cfg = SimpleNamespace(
+        vision_feature_layer=layers[0] if len(layers) == 1 else list(layers),
+        vision_config=SimpleNamespace(hidden_size=vision.hidden_size),
+        text_config=SimpleNamespace(hidden_size=text_hidden),
+        multimodal_projector_bias=vision.projector_bias,
+        projector_hidden_act=vision.projector_act)
+    return ModuleSpec(module=_submodules_class(), params={"vision": vision}, submodules={
+        "encoders": {"clip": ModuleSpec(module=CLIPVisionModel, params={"config": tower_cfg})},
+        "input_projections": [ModuleSpec(module=LlavaMultiModalProjector,
+                                         params={"config": projector_cfg})]})
+
+
+@functools.cache
+def _model_class():
+    from megatron.core.models.mimo import MimoModel
+
+    class VisionLanguageModel(MimoModel):
+        """``MimoModel`` as one pipeline stage (see the module docstring)."""
+
+        @property
+        def pg_collection(self):
+            return self.language_model.pg_collection
+
+        @property
+        def model_type(self):
+            return self.language_model.model_type
+
+        @property
+        def pre_process(self):
+            return self.language_model.pre_process
+
+        @property
+        def post_process(self):
+            return self.language_model.post_process
+
+        @property
+        def share_embeddings_and_output_weights(self):
+            return self.language_model.share_embeddings_and_output_weights
+
+        def shared_embedding_or_output_weight(self):
+            return self.language_model.shared_embedding_or_output_weight()
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None,
+                    pixel_values=None, loss_mask=None, packed_seq_params=None, **kwargs):
+            lm = self.language_model
+            extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
+            if not lm.pre_process:
+                return lm(None, None, attention_mask, labels=labels, **extra)
+            token = self.special_token_ids["images"]
+            embeddings = {}
+            if pixel_values is not None:
+                embeddings["images"] = self.modality_submodules["images"](
+                    encoder_inputs={"clip": {"pixel_values": pixel_values}})
+            elif bool((input_ids == token).any()):
+                raise ValueError(f"input_ids hold image tokens ({token}) but no pixel_values "
+                                 "were given")
+            embeddings["text"] = self.get_text_embeddings(input_ids, position_ids,
+                                                          self.special_token_ids)
+            combined = self.align_embeddings_by_token_positions(embeddings, input_ids,
+                                                                self.special_token_ids)
+            return lm(None, None, attention_mask, decoder_input=combined, labels=labels, **extra)
+
+    return VisionLanguageModel
+
+
+def build(vision: VisionSpec, text_hidden: int, gpt_params: dict, first: bool):
+    """One chunk: the language model ``GPTModel(**gpt_params)``, and on the first chunk of
+    the first stage the ``images`` modality."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.mimo import MimoModelConfig
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    with warnings.catch_warnings():  # MIMO warns that it is experimental on every build
+        warnings.simplefilter("ignore", UserWarning)
+        config = MimoModelConfig(
+            language_model_spec=ModuleSpec(module=GPTModel, params=gpt_params),
+            modality_submodules_spec={"images": modality_spec(vision, text_hidden)}
+            if first else {},
+            special_token_ids={"images": vision.image_token_id})
+        return _model_class()(config)
+
+
+def language_model(chunk):
+    """The ``GPTModel`` of a chunk (the chunk itself for a text model)."""
+    return getattr(chunk, "language_model", chunk)

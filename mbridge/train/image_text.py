@@ -1,0 +1,68 @@
+"""Image-text samples for vision-language training (pure: no files, no processor).
+
+A record is one JSON object a line of ``data.dataset_root``'s ``training.jsonl`` (and
+``validation.jsonl``) with ``images``, a list of image files relative to the root, and
+either ``text`` (a caption: every text token is scored) or ``prompt`` and ``completion``
+(instruction data: only the completion is scored). The text holds the processor's image
+token (``<image>``) once per image, where the image goes; the processor expands each into
+the model's ``tokens_per_image`` placeholders, which the projected features replace: as
+labels they are nothing to predict, so the loss mask drops them (the loss is on text
+tokens only).
+
+    tokens, mask = image_text_sample(ids, prompt_tokens=0, image_token_id=32000)
+    check_image_tokens(ids, images=2, tokens_per_image=576, image_token_id=32000)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mbridge.train.sft import SFTDataError
+
+
+def record_parts(record: dict[str, Any]) -> tuple[list[str], str, str]:
+    """``(images, prompt, completion)`` of a record: ``text`` records have an empty prompt
+    (everything is the completion). SFTDataError naming what is missing or misshapen."""
+    images = record.get("images")
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
+        raise SFTDataError("an image-text record needs 'images': a non-empty list of image "
+                           "file paths (relative to data.dataset_root)")
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise SFTDataError("'text' must be a string")
+        return images, "", record["text"]
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise SFTDataError("an image-text record needs 'text' (a caption) or 'prompt' and "
+                           "'completion' (strings)")
+    return images, prompt, completion
+
+
+def count_placeholders(text: str, image_token: str) -> int:
+    return text.count(image_token)
+
+
+def check_image_tokens(ids: Sequence[int], *, images: int, tokens_per_image: int,
+                       image_token_id: int) -> None:
+    """SFTDataError unless ``ids`` hold exactly ``images * tokens_per_image`` placeholder
+    tokens: the model replaces that many by features, one row of features each."""
+    have = sum(1 for t in ids if t == image_token_id)
+    want = images * tokens_per_image
+    if have != want:
+        raise SFTDataError(f"{have} image tokens (id {image_token_id}) for {images} image(s) of "
+                           f"{tokens_per_image} features each ({want} expected): the text "
+                           "needs one image token per image, and the processor must expand "
+                           "it as the model's vision tower counts features (patch size, CLS)")
+
+
+def image_text_sample(ids: Sequence[int], *, prompt_tokens: int,
+                      image_token_id: int) -> tuple[list[int], list[bool]]:
+    """(tokens, loss mask) of one sample: the first ``prompt_tokens`` tokens and every image
+    placeholder are not scored. ``([5, 9, 9, 7, 8], prompt_tokens=1, image_token_id=9)`` ->
+    ``([5, 9, 9, 7, 8], [False, False, False, True, True])``."""
+    mask = [i >= prompt_tokens and t != image_token_id for i, t in enumerate(ids)]
+    return list(ids), mask
+
+
+__all__ = ["check_image_tokens", "count_placeholders", "image_text_sample", "record_parts"]
