@@ -18,11 +18,8 @@ Pair = tuple[torch.Tensor, torch.Tensor]  # (A [dim, in], B [out, dim])
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * B @ A`` ``[out, in]``, accumulated in float64 and rounded once to float32:
-    a float32 product's last bit depends on the kernel the row count picks (fused or separate
-    multiply-adds), so a TP shard's rows could differ from the same rows of the whole; the
-    float64 product rounds to the same float32 value either way."""
-    return (b.double() @ a.double()).mul_(scale).float()
+    """``scale * B @ A`` in float32 ``[out, in]``."""
+    return (b.float() @ a.float()) * scale
 
 
 def site_delta(weight: torch.Tensor, pairs: Sequence[Pair | None], scale: float,
