@@ -117,9 +117,9 @@ def test_expert_adapter_mappings_obey_every_law(data):
 @given(st.data())
 def test_fused_and_per_projection_adapters_invert(data):
     """A fused adapter exported to peft and read back per projection (canonical variant) is
-    the same update of every linear, and exporting the per-projection adapters gives the
-    fused export's tensors bit for bit; reading them into the fused variant gives the fused
-    tree back."""
+    the same update of every linear (within float32 rounding), and exporting the
+    per-projection adapters gives the fused export's tensors bit for bit; reading them into
+    the fused variant gives the fused tree back."""
     spec = data.draw(model_specs(data.draw(st.sampled_from(ARCHS))))
     scheme = data.draw(st.sampled_from(["lora", "dora"]))
     fused = AdapterSpec(scheme=scheme, dim=data.draw(st.integers(1, 3)), alpha=8.0)
@@ -137,7 +137,8 @@ def test_fused_and_per_projection_adapters_invert(data):
         f_delta = site_delta(weight, [_pair(f_tree, fa, None)], fused.scale, split, fuse)
         c_delta = site_delta(weight, [_pair(c_tree, ca, j) for j in range(len(ca.site.parts))],
                              canon.scale, split, fuse)
-        torch.testing.assert_close(c_delta, f_delta, rtol=0, atol=0)
+        # the same rows of B times the same A, by matmuls of other shapes: float32 rounding
+        torch.testing.assert_close(c_delta, f_delta, rtol=1e-6, atol=1e-6)
 
 
 def _pair(tree, a, j):
@@ -152,9 +153,8 @@ def _pair(tree, a, j):
 @given(st.data())
 def test_merge_commutes_with_sharding(data):
     """On every TP rank, merging the rank's shards of W, A and B gives that rank's shard of
-    the merged full weight: bit for bit for LoRA, and for DoRA with each rank's magnitude
-    shard and the row norms summed over ranks (row-parallel) within float32 rounding
-    (rtol 1e-6: a sum of shares instead of one sum)."""
+    the merged full weight within float32 rounding (rtol 1e-6), for DoRA with each rank's
+    magnitude shard and the row norms summed over ranks (row-parallel)."""
     spec, adapter = _spec_and_adapter(data)
     tp = data.draw(tp_sizes(spec))
     groups, tree = _mcore_tree(data, spec, adapter)
@@ -167,10 +167,12 @@ def test_merge_commutes_with_sharding(data):
             local = _merged(shard(weight, w_layout, tp, r), _shard(tree, a, adapter, tp, r), a,
                             adapter, spec, tp=tp, rank=r, full_tree=tree, full_weight=weight)
             want = shard(full, w_layout, tp, r)
-            if adapter.scheme == "lora" or a.site.parallel == "column":
-                assert torch.equal(local, want), f"{key} rank {r}/{tp}"
-            else:
-                torch.testing.assert_close(local, want, rtol=1e-6, atol=1e-6)
+            # float32 B·A on a shard's rows and on the whole may come from different matmul
+            # kernels (fused or separate multiply-adds by row count): equal to the last bit
+            # or two, not always bit for bit (hypothesis found such cases); a wrong shard is
+            # off by whole values
+            torch.testing.assert_close(local, want, rtol=1e-6, atol=1e-6,
+                                       msg=f"{key} rank {r}/{tp}")
 
 
 def _weight_shape(spec, a):

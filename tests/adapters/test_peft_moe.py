@@ -168,7 +168,7 @@ def two_ranks(cases, tmp_path_factory):
     manifest += [dict(base=base, hook=hook, layouts=["", "etp=2"], tag=f"grads-{hook}")
                  for hook in ("lora", "dora")]
     (root / "manifest.json").write_text(json.dumps(manifest))
-    results = torchrun(SCRIPT, str(root), str(root / "manifest.json"))
+    results = torchrun(SCRIPT, str(root), str(root / "manifest.json"), timeout=1200)
     by_case: dict[str, list] = {}
     for r in results:
         by_case.setdefault(r["case"], []).append(r)
