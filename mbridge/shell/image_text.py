@@ -15,11 +15,11 @@ of the micro-batch, in token order), so memory holds tokens, not pixels.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from mbridge.shell import sft as shell_sft
 from mbridge.specs import ModelSpec
 from mbridge.train import image_text, sft
 from mbridge.train.config import ConfigError
@@ -117,24 +117,13 @@ class ImageTextDataset:
 
 def read_split(path: Path, proc, spec: ModelSpec, seq_length: int):
     samples = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise SFTDataError("not a JSON object")
-                tokens, mask = encode(record, proc, path.parent, spec)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from None
-            except SFTDataError as e:
-                raise ConfigError(f"{path}:{n}: {e}") from None
-            if len(tokens) > seq_length + 1:
-                raise ConfigError(f"{path}:{n}: {len(tokens)} tokens (images expanded), more "
-                                  f"than model.seq_length={seq_length} + 1; image tokens "
-                                  "cannot be cut: raise model.seq_length")
-            samples.append((tokens, mask, tuple(record["images"])))
+    for n, record, tokens, mask in shell_sft.encoded_records(
+            path, lambda r: encode(r, proc, path.parent, spec)):
+        if len(tokens) > seq_length + 1:
+            raise ConfigError(f"{path}:{n}: {len(tokens)} tokens (images expanded), more "
+                              f"than model.seq_length={seq_length} + 1; image tokens "
+                              "cannot be cut: raise model.seq_length")
+        samples.append((tokens, mask, tuple(record["images"])))
     return samples
 
 

@@ -91,10 +91,10 @@ def encode(record: dict[str, Any], tok, spec: SFTSpec) -> tuple[list[int], list[
     return _chat(sft.messages_of(record, spec, fmt), tok, spec.loss_on)
 
 
-def read_split(path: Path, tok, spec: SFTSpec, max_inputs: int):
-    """([(tokens, mask)], SFTStats) of one JSONL file; samples hold at most ``max_inputs``
-    + 1 tokens (inputs and the last label)."""
-    samples, stats = [], SFTStats()
+def encoded_records(path: Path, encode_one):
+    """``(line number, record, tokens, mask)`` for each record of a JSONL file, blank lines
+    skipped; a line that is not a JSON object, or that ``encode_one(record)`` refuses with an
+    ``SFTDataError``, stops with a ``ConfigError`` naming the file and line."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -103,20 +103,28 @@ def read_split(path: Path, tok, spec: SFTSpec, max_inputs: int):
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise SFTDataError("not a JSON object")
-                tokens, mask = encode(record, tok, spec)
+                tokens, mask = encode_one(record)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from None
             except SFTDataError as e:
                 raise ConfigError(f"{path}:{n}: {e}") from None
-            tokens, mask, cut = sft.fit(tokens, mask, max_tokens=max_inputs + 1,
-                                        truncation=spec.truncation)
-            short = len(tokens) < spec.min_length
-            no_loss = not short and not any(mask[1:])
-            stats = stats.add(SFTStats(records=1, truncated=int(cut), dropped_short=int(short),
-                                       dropped_no_loss=int(no_loss),
-                                       samples=int(not (short or no_loss))))
-            if not (short or no_loss):
-                samples.append((tokens, mask))
+            yield n, record, tokens, mask
+
+
+def read_split(path: Path, tok, spec: SFTSpec, max_inputs: int):
+    """([(tokens, mask)], SFTStats) of one JSONL file; samples hold at most ``max_inputs``
+    + 1 tokens (inputs and the last label)."""
+    samples, stats = [], SFTStats()
+    for _, _, tokens, mask in encoded_records(path, lambda r: encode(r, tok, spec)):
+        tokens, mask, cut = sft.fit(tokens, mask, max_tokens=max_inputs + 1,
+                                    truncation=spec.truncation)
+        short = len(tokens) < spec.min_length
+        no_loss = not short and not any(mask[1:])
+        stats = stats.add(SFTStats(records=1, truncated=int(cut), dropped_short=int(short),
+                                   dropped_no_loss=int(no_loss),
+                                   samples=int(not (short or no_loss))))
+        if not (short or no_loss):
+            samples.append((tokens, mask))
     return samples, stats
 
 
