@@ -52,3 +52,21 @@ def same_files(a: Path, b: Path) -> bool:
     x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) and x[k].dtype == y[k].dtype
                                         for k in x)
+
+
+def provide(base: Path, hook=None):
+    """(bridge, provider, model) of the HF model at ``base``, with ``hook`` as pre-wrap hook."""
+    from mbridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(base)
+    provider = bridge.to_megatron_provider()
+    provider.finalize()
+    return bridge, provider, provider.provide_distributed_model(pre_wrap_hook=hook)
+
+
+def logits(bridge, provider, model, ids):
+    """The model's fp32 logits ``[b, s, vocab]`` at its layout (gathered on every rank)."""
+    from mbridge.shell import forward
+
+    return forward.logits(model, ids, provider.parallel_spec(), bridge.spec.vocab_size,
+                          bridge.spec.hidden_size)

@@ -24,25 +24,14 @@ import torch
 from dist_util import torchrun
 from models import hf_logits, make_hf, peft_logits, sample_ids
 from peft_cases import HOOKS, perturb, same_files
+from peft_cases import logits as _logits
+from peft_cases import provide as _provide
 
-from mbridge import AutoBridge
 from mbridge.peft import LoRA
-from mbridge.shell import adapters, forward
+from mbridge.shell import adapters
 
 TOL = 1e-5
 MODELS = ("llama", "qwen3")
-
-
-def _provide(base: Path, hook=None):
-    bridge = AutoBridge.from_hf_pretrained(base)
-    provider = bridge.to_megatron_provider()
-    provider.finalize()
-    return bridge, provider, provider.provide_distributed_model(pre_wrap_hook=hook)
-
-
-def _logits(bridge, provider, model, ids):
-    return forward.logits(model, ids, provider.parallel_spec(), bridge.spec.vocab_size,
-                          bridge.spec.hidden_size)
 
 
 def _peft_made(base: Path, out: Path, dora: bool) -> Path:

@@ -30,27 +30,15 @@ import torch
 from dist_util import torchrun, user_env
 from models import hf_logits, peft_logits, sample_ids
 from peft_cases import HOOKS, perturb, same_files
+from peft_cases import logits as _logits
+from peft_cases import provide as _provide
 from peft_moe import make_moe, peft_made, unfused_peft_logits
 
-from mbridge import AutoBridge
 from mbridge.adapters import selection
 from mbridge.peft import DoRA, LoRA
-from mbridge.shell import forward
 
 TOL = 1e-5
 SCRIPT = Path(__file__).parents[1] / "scripts" / "peft_moe_parity.py"
-
-
-def _provide(base: Path, hook=None):
-    bridge = AutoBridge.from_hf_pretrained(base)
-    provider = bridge.to_megatron_provider()
-    provider.finalize()
-    return bridge, provider, provider.provide_distributed_model(pre_wrap_hook=hook)
-
-
-def _logits(bridge, provider, model, ids):
-    return forward.logits(model, ids, provider.parallel_spec(), bridge.spec.vocab_size,
-                          bridge.spec.hidden_size)
 
 
 @pytest.fixture(scope="module")
