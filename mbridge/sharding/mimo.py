@@ -195,13 +195,21 @@ def module_grid(cfg: MimoParallelismConfig, name: str) -> grid.Grid:
     return grid.dense_grid(m.parallel, m.size)
 
 
-def module_groups(cfg: MimoParallelismConfig, name: str,
-                  dims: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+def module_groups(cfg: MimoParallelismConfig, name: str, dims: tuple[str, ...], *,
+                  expert: bool = False) -> tuple[tuple[int, ...], ...]:
     """Every group of module ``name`` along ``dims`` (``("tp",)``, ``("dp",)``...), in
-    global ranks: ``module_groups(cfg, "language", ("tp",)) -> ((2, 3),)``."""
+    global ranks: ``module_groups(cfg, "language", ("tp",)) -> ((2, 3),)``. ``expert``:
+    along the expert grid ``etp x ep x edp x pp`` instead."""
+    m = _module(cfg, name)
+    g = grid.expert_grid(m.parallel, m.size) if expert else module_grid(cfg, name)
+    return tuple(tuple(r + m.rank_offset for r in ranks) for ranks in grid.groups_over(g, dims))
+
+
+def embedding_groups(cfg: MimoParallelismConfig, name: str) -> tuple[tuple[int, ...], ...]:
+    """Module ``name``'s first and last pipeline stage of each pipeline group."""
     offset = _module(cfg, name).rank_offset
     return tuple(tuple(r + offset for r in g)
-                 for g in grid.groups_over(module_grid(cfg, name), dims))
+                 for g in grid.embedding_groups(module_grid(cfg, name)))
 
 
 def modules_on(cfg: MimoParallelismConfig, rank: int) -> tuple[str, ...]:

@@ -74,14 +74,18 @@ def read_hf_shard(ckpt: HFCheckpoint, group: Mapping, tp: int, tp_rank: int,
 
 
 def load_hf(chunks, ckpt: HFCheckpoint, groups: Sequence[Mapping], spec: ModelSpec,
-            parallel: ParallelSpec, rank: RankSpec) -> None:
+            parallel: ParallelSpec, rank: RankSpec, part=None) -> None:
     """Copy the HF weights this rank (at ``rank`` in ``parallel``) hosts into ``chunks``;
-    checks every shape first, and that every parameter came from the checkpoint."""
+    checks every shape first, and that every parameter came from the checkpoint.
+    ``part(mcore_key) -> bool``: the chunks are one module of the model (a MIMO layout's
+    encoder or language model); only the mapping groups whose keys it holds are read."""
     params = _params(chunks)
     check_coverage(ckpt, groups, spec)
     written: set[tuple[int, str]] = set()
     adopted: list[tuple[int, int]] = []
     for group in groups:
+        if part is not None and not all(part(k) for k in group.mcore_keys):
+            continue
         hosted = _hosted(group, spec, parallel, rank)
         if not hosted:
             continue

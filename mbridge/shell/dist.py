@@ -179,6 +179,28 @@ def new_groups(parallel: ParallelSpec) -> Groups:
     return Groups(parallel, ProcessGroupCollection(**made))
 
 
+def module_groups(cfg, name: str) -> Groups | None:
+    """The groups of module ``name`` of a finalized ``MimoParallelismConfig``
+    (``mbridge.sharding.mimo``) over its own ranks, created here (every rank must call it,
+    for every module, in the same order); None on a rank that does not hold the module."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from mbridge.sharding import mimo
+
+    start()
+    dense = dict(tp=("tp",), cp=("cp",), dp=("dp",), pp=("pp",), dp_cp=("dp", "cp"),
+                 tp_cp=("tp", "cp"), mp=("tp", "cp", "pp"))
+    expert = dict(ep=("ep",), expt_tp=("etp",), expt_dp=("edp",), tp_ep=("etp", "ep"),
+                  tp_ep_pp=("etp", "ep", "pp"))
+    made = {k: _mine(mimo.module_groups(cfg, name, d)) for k, d in dense.items()}
+    made |= {k: _mine(mimo.module_groups(cfg, name, d, expert=True)) for k, d in expert.items()}
+    made["embd"] = _mine(mimo.embedding_groups(cfg, name))
+    made["pos_embd"] = None
+    if dist.get_rank() not in mimo.module_ranks(cfg, name):
+        return None
+    return Groups(cfg.module_parallelisms[name].parallel, ProcessGroupCollection(**made))
+
+
 def _mine(rank_lists):
     """Create every group in ``rank_lists`` (collective: all ranks create all groups) and
     return the one holding this rank."""

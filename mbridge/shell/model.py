@@ -138,7 +138,7 @@ def builder_of(spec: ModelSpec) -> Builder:
 def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
                  dtype: str = "float32", use_te: bool | None = None, attention: str = "sdpa",
                  device: torch.device | str | None = None, pg_collection=None,
-                 skip_init: bool = False, **config_extra) -> list:
+                 skip_init: bool = False, modalities: bool = True, **config_extra) -> list:
     """This pipeline rank's model chunks (one per virtual stage), on ``device``, on the
     process groups ``pg_collection`` (Megatron-Core's ``ProcessGroupCollection``; None: the
     groups ``parallel_state`` holds). ``skip_init``: leave the weights as allocated (they
@@ -177,7 +177,7 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
         if spec.vision is None:
             model = GPTModel(**params)
         else:  # MIMO: the vision modality (first chunk) beside the GPTModel
-            model = vlm.build(spec.vision, spec.hidden_size, params, first)
+            model = vlm.build(spec.vision, spec.hidden_size, params, first and modalities)
         build.finish(vlm.language_model(model), spec)
         if not cfg.perform_initialization:
             mark_tensor_parallel(model)

@@ -109,14 +109,17 @@ def _model_class():
             return self.language_model.shared_embedding_or_output_weight()
 
         def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None,
-                    pixel_values=None, loss_mask=None, packed_seq_params=None, **kwargs):
+                    pixel_values=None, loss_mask=None, packed_seq_params=None,
+                    image_embeddings=None, **kwargs):
             lm = self.language_model
             extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
             if not lm.pre_process:
                 return lm(None, None, attention_mask, labels=labels, **extra)
             token = self.special_token_ids["images"]
             embeddings = {}
-            if pixel_values is not None:
+            if image_embeddings is not None:  # made by the encoder's ranks (MIMO layouts)
+                embeddings["images"] = image_embeddings
+            elif pixel_values is not None:
                 embeddings["images"] = self.modality_submodules["images"](
                     encoder_inputs={"clip": {"pixel_values": pixel_values}})
             elif bool((input_ids == token).any()):
@@ -132,8 +135,9 @@ def _model_class():
 
 
 def build(vision: VisionSpec, text_hidden: int, gpt_params: dict, first: bool):
-    """One chunk: the language model ``GPTModel(**gpt_params)``, and on the first chunk of
-    the first stage the ``images`` modality."""
+    """One chunk: the language model ``GPTModel(**gpt_params)``, and with ``first`` (the
+    first chunk of the first stage, unless the encoder lives on other ranks: MIMO layouts)
+    the ``images`` modality; without it the chunk takes ``image_embeddings``."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.mimo import MimoModelConfig
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -146,6 +150,25 @@ def build(vision: VisionSpec, text_hidden: int, gpt_params: dict, first: bool):
             if first else {},
             special_token_ids={"images": vision.image_token_id})
         return _model_class()(config)
+
+
+class VisionPart(torch.nn.Module):
+    """The ``images`` modality alone (an encoder module of a MIMO layout: its own ranks or
+    its own TP/DP), under the names it has inside ``VisionLanguageModel``
+    (``modality_submodules.images.*``), so checkpoints and mappings address it unchanged.
+    ``forward(pixel_values)`` -> the projected features ``[images * tokens, text_hidden]``."""
+
+    def __init__(self, vision: VisionSpec, text_hidden: int):
+        super().__init__()
+        spec = modality_spec(vision, text_hidden)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.modality_submodules = torch.nn.ModuleDict(
+                {"images": spec.module.from_spec(spec)})
+
+    def forward(self, pixel_values):
+        return self.modality_submodules["images"](
+            encoder_inputs={"clip": {"pixel_values": pixel_values}})
 
 
 def language_model(chunk):

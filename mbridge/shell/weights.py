@@ -38,11 +38,12 @@ class HFWeights:
     def hf_config(self) -> dict[str, Any]:
         return self.checkpoint.config
 
-    def load(self, chunks, parallel: ParallelSpec, groups: Groups) -> None:
+    def load(self, chunks, parallel: ParallelSpec, groups: Groups, part=None) -> None:
         arch = registry.get(self.spec.architecture)
         mapping = arch.mapping(self.spec, parallel.vocab_multiple,
                                **arch.options_for(self.checkpoint.keys()))
-        convert.load_hf(chunks, self.checkpoint, mapping, self.spec, parallel, groups.rank)
+        convert.load_hf(chunks, self.checkpoint, mapping, self.spec, parallel, groups.rank,
+                        part=part)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,11 @@ class McoreWeights:
     spec: ModelSpec
     hf_config: dict[str, Any]
 
-    def load(self, chunks, parallel: ParallelSpec, groups: Groups) -> None:
+    def load(self, chunks, parallel: ParallelSpec, groups: Groups, part=None) -> None:
+        if part is not None:
+            raise NotImplementedError("loading one module of a MIMO layout from a distributed "
+                                      "checkpoint is not supported yet; start from the HF "
+                                      "checkpoint")
         dist_checkpoint.load(chunks, self.path)
 
 

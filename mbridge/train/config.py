@@ -21,6 +21,7 @@ import msgspec
 import yaml
 
 from mbridge.adapters.spec import FUSED_TARGETS, AdapterSpec
+from mbridge.sharding.mimo import ModuleParallelismConfig
 from mbridge.specs import ModelSpec
 from mbridge.train.sft import SFTSpec
 
@@ -61,6 +62,11 @@ class ModelConfig(Section, frozen=True, kw_only=True):
     freeze_language_model: bool = False
     freeze_vision_model: bool = False
     freeze_vision_projection: bool = False
+    # multi-module (MIMO) layouts (mbridge.sharding.mimo, docs/mimo.md): each module of a
+    # vision-language model ("images", "language") with its own TP/PP/DP and rank_offset
+    module_parallelisms: dict[str, ModuleParallelismConfig] | None = None
+    deployment_mode: Literal["homogeneous", "colocated", "heterogeneous"] = "homogeneous"
+    llm_module_name: str = "language"
 
 
 class ParallelConfig(Section, frozen=True, kw_only=True):
@@ -267,7 +273,9 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part, _MISSING)
-        if child is None:  # an optional sub-struct not set yet, e.g. model.spec
+        # an optional sub-struct not set yet (model.spec), or a new entry of a mapping
+        # (model.module_parallelisms.images): _check_key allowed it
+        if child is None or child is _MISSING:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])!r} "
@@ -277,13 +285,18 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 _MISSING = object()
+# fields that are mappings of names the user picks: any entry may be set
+OPEN_MAPPINGS = ("model.module_parallelisms",)
 
 
 def _check_key(data: dict[str, Any], key: str) -> None:
     node: Any = data
-    for part in key.split("."):
+    parts = key.split(".")
+    for i, part in enumerate(parts):
         if isinstance(node, dict) and node.get(part, _MISSING) is None:
             return  # inside an optional struct not set yet: msgspec checks the fields
+        if ".".join(parts[:i]) in OPEN_MAPPINGS and isinstance(node, dict):
+            return  # a mapping's entry: msgspec checks its fields
         if not isinstance(node, dict) or part not in node:
             close = difflib.get_close_matches(key, _known_keys(data), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from mbridge.sharding.mimo import MimoConfigError, MimoParallelismConfig
 from mbridge.sharding.plan import stage_layer_counts
 from mbridge.specs import ModelSpec, ParallelSpec, check_model_fits
 from mbridge.train import schedule as lr_schedule
@@ -24,10 +25,33 @@ class RunPlan(msgspec.Struct, frozen=True, kw_only=True):
     num_microbatches: int
     parallel: ParallelSpec
     step: StepConfig
+    mimo: MimoParallelismConfig | None = None  # finalized; None: one layout (no modules)
+
+
+def mimo_config(cfg: RunConfig) -> MimoParallelismConfig | None:
+    """The run's ``MimoParallelismConfig`` (not finalized), None without
+    ``model.module_parallelisms``."""
+    m = cfg.model
+    if m.module_parallelisms is None:
+        return None
+    return MimoParallelismConfig(llm_module_name=m.llm_module_name,
+                                 deployment_mode=m.deployment_mode,
+                                 module_parallelisms=dict(m.module_parallelisms))
 
 
 def parallel_spec(cfg: RunConfig) -> ParallelSpec:
+    """The language model's layout: ``model.*_model_parallel_size``, or the language
+    module's sizes of ``model.module_parallelisms``."""
     m = cfg.model
+    mimo = mimo_config(cfg)
+    if mimo is not None and mimo.llm_module_name in mimo.module_parallelisms:
+        lm = mimo.module_parallelisms[mimo.llm_module_name]
+        _check(m.tensor_model_parallel_size == 1 and m.pipeline_model_parallel_size == 1,
+               "model.module_parallelisms gives every module's sizes: leave "
+               "model.tensor_model_parallel_size and pipeline_model_parallel_size at 1 and "
+               f"set model.module_parallelisms.{mimo.llm_module_name}.tensor_parallel etc.")
+        m = msgspec.structs.replace(m, tensor_model_parallel_size=lm.tensor_parallel,
+                                    pipeline_model_parallel_size=lm.pipeline_parallel)
     try:
         return ParallelSpec(tp=m.tensor_model_parallel_size, pp=m.pipeline_model_parallel_size,
                             vpp=m.virtual_pipeline_model_parallel_size,
@@ -96,6 +120,10 @@ def plan_run(cfg: RunConfig, spec: ModelSpec, world_size: int) -> RunPlan:
            f"model.seq_length={cfg.model.seq_length} is longer than the model's "
            f"max_position_embeddings={spec.max_position_embeddings}; lower model.seq_length")
     model_parallel = parallel.tp * parallel.pp * parallel.cp
+    mimo = _finalize_mimo(cfg, spec, world_size)
+    if mimo is not None and mimo.deployment_mode != "homogeneous":
+        lm = mimo.module_parallelisms[mimo.llm_module_name]
+        world_size = lm.size * parallel.cp  # the language model's share of the world
     _check(world_size % model_parallel == 0,
            f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
            f"sizes ({parallel.tp} x {parallel.pp} x {parallel.cp}); change "
@@ -113,5 +141,32 @@ def plan_run(cfg: RunConfig, spec: ModelSpec, world_size: int) -> RunPlan:
     step = StepConfig(schedule=lr_schedule.from_config(cfg), global_batch_size=t.global_batch_size,
                       seq_length=cfg.model.seq_length, clip_grad=cfg.optimizer.clip_grad,
                       skip_nonfinite=t.skip_nonfinite)
-    return RunPlan(world_size=world_size, dp_size=dp, num_microbatches=n_micro,
-                   parallel=parallel, step=step)
+    return RunPlan(world_size=world_size if mimo is None else mimo.world_size, dp_size=dp,
+                   num_microbatches=n_micro, parallel=parallel, step=step, mimo=mimo)
+
+
+def _finalize_mimo(cfg: RunConfig, spec: ModelSpec, world_size: int):
+    """``model.module_parallelisms`` finalized on ``world_size`` ranks (ConfigError naming
+    the fix), None without it."""
+    mimo = mimo_config(cfg)
+    if mimo is None:
+        return None
+    _check(spec.vision is not None, f"model.module_parallelisms lays out the modules of a "
+           f"vision-language model; {spec.architecture} has one module: use "
+           "model.tensor_model_parallel_size etc.")
+    heads = {mimo.llm_module_name: spec.num_heads}
+    try:
+        mimo = mimo.finalize(world_size, global_batch_size=cfg.train.global_batch_size,
+                             num_heads=heads)
+    except MimoConfigError as e:
+        raise ConfigError(f"model.module_parallelisms: {e}") from None
+    _check(set(mimo.module_parallelisms) == {mimo.llm_module_name, "images"},
+           f"model.module_parallelisms names modules {sorted(mimo.module_parallelisms)}; a "
+           f"vision-language model has 'images' and {mimo.llm_module_name!r}")
+    if mimo.deployment_mode != "homogeneous":
+        _check(all(m.pipeline_parallel == 1 for m in mimo.module_parallelisms.values()),
+               f"{mimo.deployment_mode} mode with pipeline_parallel > 1 inside a module is not "
+               "supported yet; set every module's pipeline_parallel=1")
+        _check(cfg.model.context_parallel_size == 1,
+               "model.context_parallel_size > 1 is not supported with MIMO layouts")
+    return mimo
