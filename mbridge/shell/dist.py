@@ -189,7 +189,9 @@ def module_groups(cfg, name: str) -> Groups | None:
 
     start()
     dense = dict(tp=("tp",), cp=("cp",), dp=("dp",), pp=("pp",), dp_cp=("dp", "cp"),
-                 tp_cp=("tp", "cp"), mp=("tp", "cp", "pp"))
+                 tp_cp=("tp", "cp"), mp=("tp", "cp", "pp"),
+                 # one distributed-optimizer instance: its gradient statistics span the module
+                 intra_dist_opt=("tp", "cp", "dp", "pp"))
     expert = dict(ep=("ep",), expt_tp=("etp",), expt_dp=("edp",), tp_ep=("etp", "ep"),
                   tp_ep_pp=("etp", "ep", "pp"))
     made = {k: _mine(mimo.module_groups(cfg, name, d)) for k, d in dense.items()}

@@ -228,3 +228,52 @@ def install_thd_rope() -> None:
     if _ORIGINAL_THD_ROPE is None:
         _ORIGINAL_THD_ROPE = rope_utils._apply_rotary_pos_emb_thd
         rope_utils._apply_rotary_pos_emb_thd = _thd_rope
+
+
+class _GroupCrossEntropy(torch.autograd.Function):
+    """Megatron-Core's unfused vocab-parallel cross entropy
+    (``tensor_parallel/cross_entropy.py``, no label smoothing) on a tensor-parallel group
+    given by the caller: the same steps and float32 gradients, where Megatron-Core's reads
+    ``parallel_state``'s group (its "native" fused form takes a group but returns bfloat16
+    gradients)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group):
+        from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as V
+        from megatron.core.tensor_parallel.utils import VocabUtility
+
+        logits, logits_max = V.calculate_logits_max(logits)
+        torch.distributed.all_reduce(logits_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            logits.size(-1), group.rank(), group.size())
+        mask, masked_target, predicted, sum_exp, exp_logits = V.calculate_predicted_logits(
+            logits, target, logits_max, start, end)
+        torch.distributed.all_reduce(predicted, group=group)
+        torch.distributed.all_reduce(sum_exp, group=group)
+        exp_logits, loss = V.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
+        ctx.save_for_backward(exp_logits, mask, masked_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as V
+
+        softmax, mask, masked_target = ctx.saved_tensors
+        grad_2d, arange_1d, update, grad_input = V.prepare_gradient_calculation_operands(
+            softmax, mask)
+        grad_input = V.calculate_gradients(grad_2d, arange_1d, masked_target, update,
+                                           grad_input, grad_output)
+        return grad_input, None, None
+
+
+def use_group_cross_entropy(model) -> None:
+    """Make a ``GPTModel`` compute its loss on its own tensor-parallel group
+    (``model.pg_collection.tp``), as a model on groups other than ``parallel_state``'s
+    must (MIMO layouts: ``shell.mimo``)."""
+    group = model.pg_collection.tp
+
+    def compute_language_model_loss(labels, logits):
+        loss = _GroupCrossEntropy.apply(logits, labels.transpose(0, 1).contiguous(), group)
+        return loss.transpose(0, 1).contiguous()
+
+    model.compute_language_model_loss = compute_language_model_loss

@@ -27,6 +27,7 @@ from mbridge.io.hf import CheckpointError
 from mbridge.io.mcore import HF_DIR
 from mbridge.shell import checkpoint, data, dist, image_text, sft, weights
 from mbridge.shell.logger import TrainLogger, check_wandb
+from mbridge.specs import ParallelSpec
 from mbridge.train import cadence
 from mbridge.train.config import ConfigError, RunConfig, adapter_spec
 from mbridge.train.plan import RunPlan, check_sections, parallel_spec, plan_run
@@ -230,13 +231,24 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     provider = _provider(cfg, dataset_provider, spec)
     context = DataContext(cfg, spec, tokenizer_dir(cfg, source))
     datasets = provider(context) if provider is not None else None
-    groups = dist.init(plan.parallel, seed=cfg.rng.seed)
+    modules = _own_module_layouts(cfg, plan, peft, forward_step)
+    # modules with their own layouts make their own groups: parallel_state gets the trivial
+    # layout (its RNG tracker and globals), nothing reads its groups
+    groups = dist.init(ParallelSpec() if modules else plan.parallel, seed=cfg.rng.seed)
     dist.set_random_seed(cfg.rng.seed, groups)  # before the model is built: its weights
-    runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
+    if modules:
+        from mbridge.shell.mimo import MimoRuntime
+
+        runtime = MimoRuntime(spec, plan, model=cfg.model, optimizer=cfg.optimizer,
                               ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
-                              micro_batch_size=cfg.train.micro_batch_size,
-                              weights=source if resume is None or adapters_only else None,
-                              peft=peft, seed=cfg.rng.seed, forward_step=forward_step)
+                              micro_batch_size=cfg.train.micro_batch_size, weights=source,
+                              seed=cfg.rng.seed)
+    else:
+        runtime = MegatronRuntime(spec, plan, groups, model=cfg.model, optimizer=cfg.optimizer,
+                                  ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
+                                  micro_batch_size=cfg.train.micro_batch_size,
+                                  weights=source if resume is None or adapters_only else None,
+                                  peft=peft, seed=cfg.rng.seed, forward_step=forward_step)
     state = TrainState(seed=cfg.rng.seed, model=runtime.model, optimizer=runtime.optimizer)
     if resume is not None:
         c = cfg.checkpoint
@@ -260,8 +272,11 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
         reason = cadence.stop_reason(state.step, cfg.train.train_iters)
         while reason is None:
             start = time.perf_counter()
-            batch = data.batch_at(train_ds, state.consumed_samples, cfg, plan, dp_rank)
-            data.check_tokens(batch, spec.vocab_size)
+            if modules:  # each module's DP share (mbridge.train.mimo)
+                batch = runtime.batch_at(train_ds, state.consumed_samples)
+            else:
+                batch = data.batch_at(train_ds, state.consumed_samples, cfg, plan, dp_rank)
+                data.check_tokens(batch, spec.vocab_size)
             state, metrics = train_step(state, batch)
             seconds = time.perf_counter() - start
             reason = cadence.stop_reason(state.step, cfg.train.train_iters,
@@ -278,11 +293,32 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     return state
 
 
+def _own_module_layouts(cfg: RunConfig, plan: RunPlan, peft, forward_step) -> bool:
+    """Whether the modules run at their own layouts (``model.module_parallelisms``,
+    colocated or heterogeneous: ``shell.mimo``), refusing what that runtime lacks yet."""
+    if plan.mimo is None or plan.mimo.deployment_mode == "homogeneous":
+        return False
+    mode = f"model.deployment_mode={plan.mimo.deployment_mode}"
+    c = cfg.checkpoint
+    if c.load is not None or c.save is not None:
+        raise ConfigError(f"{mode} cannot save to checkpoint.save or resume from "
+                          "checkpoint.load yet; train from checkpoint.pretrained_checkpoint "
+                          "(an HF directory) without them")
+    if peft is not None or forward_step is not None:
+        raise ConfigError(f"{mode} does not support peft or a custom forward_step yet")
+    return True
+
+
 def _eval_and_save(cfg, plan, runtime, valid_ds, dp_rank, state, log, save, *, last) -> None:
     t = cfg.train
     if valid_ds is not None and cadence.should_eval(state.step, t.eval_interval, t.eval_iters,
                                                     last=last):
-        loss = runtime.evaluate(data.validation_batches(valid_ds, cfg, plan, dp_rank))
+        if hasattr(runtime, "batch_at"):  # modules with their own layouts
+            gbs = cfg.train.global_batch_size
+            batches = [runtime.batch_at(valid_ds, i * gbs) for i in range(t.eval_iters)]
+        else:
+            batches = data.validation_batches(valid_ds, cfg, plan, dp_rank)
+        loss = runtime.evaluate(batches)
         log.evaluation(state.step, loss.mean)
     c = cfg.checkpoint
     if cadence.should_save(state.step, c.save_interval, last=last, saving=c.save is not None):
