@@ -65,3 +65,4 @@ def test_abort_leaves_the_fd_closed(tmp_path):
     f.write(b"y" * (3 * ALIGN))
     f.abort()
     assert f._fd == -1
+
