@@ -31,6 +31,7 @@ import torch
 import torch.distributed as tdist
 
 from mbridge import keys
+from mbridge.architectures import registry
 from mbridge.sharding import mimo as layout
 from mbridge.shell import data, dist
 from mbridge.shell.cpu_shim import cuda_as_cpu
@@ -40,6 +41,16 @@ from mbridge.shell.runtime import DTYPES, _loss_func, freeze
 from mbridge.shell.vlm import VisionPart
 from mbridge.train import mimo as plan
 from mbridge.train.step import GradStats, LossSum
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1,
+                "BOOL": 1}
+
+
+def _nbytes(shape, dtype: str) -> int:
+    n = _DTYPE_BYTES[dtype]
+    for d in shape:
+        n *= d
+    return n
 
 
 def _is_vision(key: str) -> bool:
@@ -82,6 +93,8 @@ class MimoRuntime:
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         self.encoder_trainable = bool(flag.item())
         self.model = [m.ddp for m in self.modules.values()]  # TrainState's model
+        keys_of = weights.checkpoint.keys() if hasattr(weights, "checkpoint") else ()
+        self.mapping_options = registry.get(spec.architecture).options_for(keys_of)
         self.optimizer = [m.optimizer for m in self.modules.values()]
 
     def _local_encoder_trainable(self) -> bool:
@@ -316,6 +329,49 @@ class MimoRuntime:
                     torch._foreach_mul_(grads, clip_coeff)
             with cuda_as_cpu():
                 m.optimizer.step_with_ready_grads()
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def save_hf(self, directory, *, hf_config: dict, hf_source=None) -> None:
+        """Write the model as an HF directory (every rank calls it): each module's tensors
+        gathered over its own groups and written by its first rank to a file of its own,
+        ``model-{module}.safetensors`` (a per-module checkpoint in HF names: no layout in it,
+        so it loads at any layout), then the index, ``config.json`` and the processor and
+        tokenizer files of ``hf_source``, by rank 0."""
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        from mbridge.io.hf import INDEX, copy_side_files, write_file
+        from mbridge.shell import convert
+
+        directory = Path(directory)
+        mapping = registry.get(self.spec.architecture).mapping(
+            self.spec, self.plan.parallel.vocab_multiple, **self.mapping_options)
+        for name, m in self.modules.items():
+            part = (lambda k: not _is_vision(k)) if name == self.lm_name else _is_vision
+            groups = [g for g in mapping if all(part(k) for k in g.mcore_keys)]
+            tensors = dict(convert.iter_hf([m.ddp.module], groups, self.spec, m.groups))
+            if self.rank == m.cfg.rank_offset:
+                write_file(directory / f"model-{name}.safetensors",
+                           {k: v.contiguous().cpu() for k, v in tensors.items()})
+        tdist.barrier()
+        if self.rank == 0:
+            weight_map, total = {}, 0
+            for name in sorted(self.mimo.module_parallelisms):
+                file = f"model-{name}.safetensors"
+                with safe_open(directory / file, "pt") as f:
+                    for key in f.keys():
+                        weight_map[key] = file
+                        t = f.get_slice(key)
+                        total += _nbytes(t.get_shape(), t.get_dtype())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            copy_side_files(hf_source, directory)
+        tdist.barrier()
 
     def skip_update(self) -> None:
         """Nothing to undo: gradients are zeroed at the start of the next step."""

@@ -264,9 +264,9 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     if resume is not None:
         log.note(f"resumed from {resume} at step {state.step}")
     train_step = functools.partial(step, runtime=runtime, config=plan.step)
-    save = functools.partial(_save, cfg, runtime, hf_config=hf_config,
-                             spec_json=spec.to_json(), hf_source=hf_source,
-                             adapters_only=adapters_only)
+    save = functools.partial(_save_modules if modules else _save, cfg, runtime,
+                             hf_config=hf_config, spec_json=spec.to_json(),
+                             hf_source=hf_source, adapters_only=adapters_only)
     stop = _StopSignal()
     try:
         reason = cadence.stop_reason(state.step, cfg.train.train_iters)
@@ -300,10 +300,10 @@ def _own_module_layouts(cfg: RunConfig, plan: RunPlan, peft, forward_step) -> bo
         return False
     mode = f"model.deployment_mode={plan.mimo.deployment_mode}"
     c = cfg.checkpoint
-    if c.load is not None or c.save is not None:
-        raise ConfigError(f"{mode} cannot save to checkpoint.save or resume from "
-                          "checkpoint.load yet; train from checkpoint.pretrained_checkpoint "
-                          "(an HF directory) without them")
+    if c.load is not None:
+        raise ConfigError(f"{mode} cannot resume from checkpoint.load yet (its checkpoints "
+                          "hold weights only: start from one with "
+                          "checkpoint.pretrained_checkpoint=DIR)")
     if peft is not None or forward_step is not None:
         raise ConfigError(f"{mode} does not support peft or a custom forward_step yet")
     return True
@@ -331,6 +331,30 @@ def _save(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json, h
     return checkpoint.save(cfg.checkpoint.save, runtime, state.progress(), cfg.to_dict(),
                            hf_config=hf_config, spec_json=spec_json, hf_source=hf_source,
                            keep=cfg.checkpoint.most_recent_k, adapters_only=adapters_only)
+
+
+def _save_modules(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json,
+                  hf_source, adapters_only=False):
+    """A MIMO run's checkpoint: the trained model as an HF directory
+    ``{checkpoint.save}/iter_{step}``, one safetensors file per module, each written by that
+    module's ranks (``MimoRuntime.save_hf``); weights only (no optimizer state or progress),
+    loadable at any layout through checkpoint.pretrained_checkpoint."""
+    import shutil
+
+    root = Path(cfg.checkpoint.save)
+    final = root / cadence.checkpoint_name(state.step)
+    tmp = root / f".{final.name}.partial"
+    if tdist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    tdist.barrier()
+    runtime.save_hf(tmp, hf_config=hf_config, hf_source=hf_source)
+    if tdist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    tdist.barrier()
+    return final
 
 
 def finetune(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None,
