@@ -7,7 +7,8 @@ against the one-rank run of the same recipe:
   rank 1; embeddings sent forward, their gradients back; with the tower frozen (the projector
   trains on rank 0) and with the tower training;
 - colocated fan-in: vision TP=1 DP=2 (each rank encodes half the batch), language TP=2 DP=1
-  (both ranks need every embedding).
+  (both ranks need every embedding); fan-out: vision TP=2 DP=1, language TP=1 DP=2 (with
+  evaluation, which the same plan feeds).
 
 Every step's loss equals the one-rank run's within 1e-5 relative (fp32: tensor-parallel sums
 and batched image encodings reorder float32 adds; seen: 4e-8), and so does the gradient norm
@@ -18,6 +19,7 @@ after the first update: its gradients reach it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,9 @@ HETERO = ("model.deployment_mode=heterogeneous", "model.module_parallelisms.imag
           "model.module_parallelisms.language.rank_offset=1")
 FAN_IN = ("model.deployment_mode=colocated", "model.module_parallelisms.images.data_parallel=2",
           "model.module_parallelisms.language.tensor_parallel=2")
+FAN_OUT = ("model.deployment_mode=colocated", "model.module_parallelisms.images.tensor_parallel=2",
+           "model.module_parallelisms.language.data_parallel=2")
+EVAL = ("train.eval_iters=1", "train.eval_interval=3")
 HOMOGENEOUS = ("model.deployment_mode=homogeneous",
                "model.module_parallelisms.images.tensor_parallel=2",
                "model.module_parallelisms.language.tensor_parallel=2")
@@ -41,6 +46,7 @@ def work(llava, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mimo")
     make_dataset(root / "instruct", samples=8, seed=2, kind="instruct")
+    shutil.copy(root / "instruct" / "training.jsonl", root / "instruct" / "validation.jsonl")
     return llava[0], root / "instruct"
 
 
@@ -57,14 +63,22 @@ def metrics(out: Path) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in map(json.loads, lines) if "loss" in r]
 
 
+def validation(out: Path) -> list[tuple[int, float]]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
+
+
 @pytest.fixture(scope="module")
 def one_rank(work, tmp_path_factory):
-    """The one-rank runs: {frozen tower: metrics, unfrozen: metrics}."""
+    """The one-rank runs: {frozen tower: metrics, unfrozen: metrics, "validation": the
+    frozen run's validation losses}."""
     out = {}
-    for name, extra in (("frozen", ()), ("unfrozen", UNFROZEN)):
+    for name, extra in (("frozen", EVAL), ("unfrozen", UNFROZEN)):
         d = tmp_path_factory.mktemp(f"ref_{name}")
         finetune(work, d, *extra)
         out[name] = metrics(d)
+        if name == "frozen":
+            out["validation"] = validation(d)
     return out
 
 
@@ -75,15 +89,20 @@ def assert_same(got, want):
 
 
 @pytest.mark.parametrize("case", ["homogeneous", "heterogeneous", "heterogeneous unfrozen",
-                                  "colocated fan-in", "colocated fan-in unfrozen"])
+                                  "colocated fan-in", "colocated fan-in unfrozen",
+                                  "colocated fan-out"])
 def test_two_ranks_give_one_rank_losses(case, work, one_rank, tmp_path):
-    layout = {"homogeneous": HOMOGENEOUS, "heterogeneous": HETERO,
-              "colocated fan-in": FAN_IN}[case.removesuffix(" unfrozen")]
+    layout = {"homogeneous": HOMOGENEOUS, "heterogeneous": HETERO, "colocated fan-in": FAN_IN,
+              "colocated fan-out": (*FAN_OUT, *EVAL)}[case.removesuffix(" unfrozen")]
     unfrozen = case.endswith("unfrozen")
     finetune(work, tmp_path, *layout, *(UNFROZEN if unfrozen else ()), nproc=2)
     got = metrics(tmp_path)
     assert_same(got, one_rank["unfrozen" if unfrozen else "frozen"])
     assert [s for s, _ in logged_losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    if case == "colocated fan-out":  # evaluation runs through the same plan
+        got, want = validation(tmp_path), one_rank["validation"]
+        assert [s for s, _ in got] == [s for s, _ in want] == [3, 6]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
 
 
 def test_unfrozen_tower_trains(one_rank):
