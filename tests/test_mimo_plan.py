@@ -179,3 +179,41 @@ def test_routes_deliver_each_sample_where_it_is_read(case):
         assert all(len(v) == 1 for v in fan.values())
     if lm.data_parallel % enc.data_parallel == 0:  # fan-out: ratio destinations each
         assert all(len(v) == lm.data_parallel // enc.data_parallel for v in fan.values())
+
+
+def test_yaml_run_config_plans_each_module():
+    """The example YAML's ``model.module_parallelisms`` becomes a finalized config in the
+    run plan; overrides reach a module's keys; a layout that cannot run is a ConfigError
+    naming the key."""
+    from pathlib import Path
+
+    from mbridge.specs import ModelSpec, VisionSpec
+    from mbridge.train.config import ConfigError, apply_overrides, from_text
+    from mbridge.train.plan import mimo_config, plan_run
+
+    text = (Path(__file__).parents[1] / "examples/configs/llava_mimo_heterogeneous.yaml")
+    cfg = apply_overrides(from_text(text.read_text()),
+                          ["model.hf_path=unused", "data.dataset_root=unused"])
+    mimo = mimo_config(cfg)
+    assert mimo.deployment_mode == "heterogeneous"
+    assert module_ranks(mimo.finalize(2), "language") == (1,)
+    spec = ModelSpec(architecture="LlavaForConditionalGeneration", vocab_size=96,
+                     hidden_size=32, ffn_hidden_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+                     vision=VisionSpec(tower_config="{}", hidden_size=16, num_layers=2,
+                                       intermediate_size=32, image_size=32, patch_size=8,
+                                       image_token_id=3, text_architecture="LlamaForCausalLM"))
+    plan_ = plan_run(cfg, spec, 2)
+    assert plan_.mimo.world_size == 2 and plan_.dp_size == 1 and plan_.num_microbatches == 2
+    wide = apply_overrides(cfg, ["model.deployment_mode=colocated",
+                                 "model.module_parallelisms.images.data_parallel=2",
+                                 "model.module_parallelisms.images.rank_offset=0",
+                                 "model.module_parallelisms.language.tensor_parallel=2",
+                                 "model.module_parallelisms.language.rank_offset=0"])
+    p = plan_run(wide, spec, 2)
+    assert (p.parallel.tp, p.dp_size, p.num_microbatches) == (2, 1, 2)
+    with pytest.raises(ConfigError, match="not divisible by tensor parallel size 3"):
+        plan_run(apply_overrides(wide, ["model.module_parallelisms.language.tensor_parallel=3"]),
+                 spec, 2)
+    with pytest.raises(ConfigError, match="leave model.tensor_model_parallel_size"):
+        plan_run(apply_overrides(cfg, ["model.tensor_model_parallel_size=2"]), spec, 2)

@@ -30,7 +30,7 @@ from mbridge.shell.logger import TrainLogger, check_wandb
 from mbridge.specs import ParallelSpec
 from mbridge.train import cadence
 from mbridge.train.config import ConfigError, RunConfig, adapter_spec
-from mbridge.train.plan import RunPlan, check_sections, parallel_spec, plan_run
+from mbridge.train.plan import RunPlan, check_sections, mimo_config, parallel_spec, plan_run
 from mbridge.train.state import TrainState
 from mbridge.train.step import Metrics, step
 
@@ -144,6 +144,9 @@ def check(cfg: RunConfig, world: int | None = None) -> Checked:
     if world is None:
         p = parallel_spec(cfg)
         world = p.tp * p.pp * p.cp
+        mimo = mimo_config(cfg)
+        if mimo is not None:  # the world the modules' rank ranges span
+            world = max(m.ranks.stop for m in mimo.module_parallelisms.values()) * p.cp
     plan = plan_run(cfg, model[0], world)
     check_vision(cfg, model[0], tokenizer_dir(cfg, model[1]))
     data.check_paths(cfg)
