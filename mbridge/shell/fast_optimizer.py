@@ -70,7 +70,7 @@ def install() -> None:
             special = (self.is_stub_optimizer or self.ddp_config.use_megatron_fsdp
                        or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
             pairs = [] if special else _cached_pairs(self)
-        except AttributeError:  # another Megatron-Core's internals: its own code
+        except (AttributeError, KeyError, TypeError, ValueError):  # other internals: its own code
             pairs = []
         if not pairs:
             return original(self)
