@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mbridge.io.hf import INDEX, SINGLE, Entry, header, nbytes, write_tensor
+from mbridge.io.direct import SequentialFile
+from mbridge.io.hf import INDEX, SINGLE, Entry, header, nbytes
 from mbridge.io.output import writing
 
 
@@ -64,9 +65,11 @@ class HFStreamWriter:
                              f"{list(tensor.shape)} {tensor.dtype}")
         with writing(self.dir / self.names[shard]):
             if self._file is None:
-                self._file = open(self.dir / self.names[shard], "wb")  # noqa: SIM115
-                self._file.write(header(self.shards[shard]))
-            write_tensor(self._file, tensor)
+                head = header(self.shards[shard])
+                size = len(head) + sum(nbytes(s, d) for _, s, d in self.shards[shard])
+                self._file = SequentialFile(self.dir / self.names[shard], size_hint=size)
+                self._file.write(head)
+            self._file.write(tensor)
         self._next += 1
         last_of_shard = self._next == len(self._order) or self._order[self._next][0] != shard
         if last_of_shard:
@@ -90,5 +93,5 @@ class HFStreamWriter:
         """Close an open shard file (after a failure; ``atomic_dir`` removes the files)."""
         if self._file is not None:
             with contextlib.suppress(OSError):  # already failing: the first error is the one
-                self._file.close()
+                self._file.abort()
             self._file = None
