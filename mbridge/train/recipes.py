@@ -3,8 +3,8 @@
     cfg = recipes.llama32_1b_pretrain(data_paths=["/data/corpus_text_document"])
     cfg = config.apply_overrides(cfg, ["model.tensor_model_parallel_size=2"])
 
-Architectures are those of the public HF configs (``meta-llama/Llama-3.2-1B``, ``meta-
-llama/Meta-Llama-3-8B``, ``Qwen/Qwen3-8B``); parallel sizes and batch settings follow
+Architectures are those of the public HF configs (``meta-llama/Llama-3.2-1B``,
+``meta-llama/Meta-Llama-3-8B``, ``Qwen/Qwen3-8B``); parallel sizes and batch settings follow
 Megatron-Bridge's pretraining recipes for the same models. ``hf_path`` starts from a converted
 HF checkpoint instead of random init (the architecture then comes from it).
 ``tiny_llama_pretrain`` trains on a laptop CPU in seconds with mock data.
