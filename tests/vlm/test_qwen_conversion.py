@@ -12,6 +12,7 @@ HF's own module), but Megatron-Core's fused qkv and vocab-parallel output may re
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from dist_util import torchrun
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qwen_models import hf_inputs, hf_logits
 from test_llava_conversion import tensors
 
@@ -89,6 +92,45 @@ def test_rope_positions_are_transformers(qwen):
     with torch.no_grad():
         flat = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid).logits
     assert (flat - hf_logits(hf_dir, ids, pixels, grid)).abs().max() > 1e-3
+
+
+# a row: runs of text (0-3 tokens) and images on grids (1, 2a, 2b), text between images as
+# <|vision_end|> <|vision_start|> put it
+ROW = st.lists(st.tuples(st.integers(0, 3), st.none() | st.tuples(st.integers(1, 3),
+                                                                  st.integers(1, 3))),
+               min_size=1, max_size=4)
+
+
+@functools.cache
+def _hf_model(hf_dir: Path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir).eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(ROW, min_size=1, max_size=3))
+def test_rope_positions_equal_transformers_on_any_layout(qwen, rows):
+    model = _hf_model(qwen[0])
+    image = model.config.image_token_id
+    seqs, grids = [], []
+    for row in rows:
+        ids = []
+        for text, img in row:
+            ids += [20] * (text or int(bool(ids) and ids[-1] == image))
+            if img is not None:
+                grids.append((1, 2 * img[0], 2 * img[1]))
+                ids += [image] * (img[0] * img[1])
+        seqs.append(ids)
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [1] * (width - len(s)) for s in seqs])
+    grid = torch.tensor(grids) if grids else None
+    got = mrope_position_ids(ids, grid, image_token_id=image, spatial_merge_size=2)
+    if grid is None:
+        assert torch.equal(got, torch.arange(width).expand(3, len(seqs), -1))
+        return
+    want, _ = model.model.get_rope_index(ids, (ids == image).int(), image_grid_thw=grid)
+    assert torch.equal(got, want)
 
 
 def test_rope_positions_refuse_mismatched_images():
