@@ -109,7 +109,8 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
                                         torch.arange(w // m), indexing="ij")
             pos.append(torch.stack([tt, hh, ww]).reshape(3, -1) + start)
             start += max(h, w) // m
-        out[:, row] = torch.cat(pos, dim=1)
+        if pos:  # an empty sequence has no positions
+            out[:, row] = torch.cat(pos, dim=1)
     if used != len(grids):
         raise ValueError(f"image_grid_thw has {len(grids)} images, input_ids hold {used} runs "
                          f"of image tokens ({image_token_id})")
