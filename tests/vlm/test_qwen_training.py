@@ -6,7 +6,8 @@ images each, of different sizes and aspect ratios (each image its own grid).
   1e-5 relative (fp32; the per-token sums add in another order);
 - only the patch merger (the vision projection) trains: the rest of the tower and the
   language model come out bit-identical;
-- TP=2 gives TP=1's losses (1e-5 relative: tensor-parallel sums reorder float32 adds);
+- TP=2 and PP=2 (the tower on the first stage) give TP=1's losses (1e-5 relative:
+  tensor-parallel sums reorder float32 adds);
 - bad input exits 2 before a model is built, naming the problem.
 """
 
@@ -99,8 +100,12 @@ def test_loss_is_hf_loss_and_only_the_merger_trains(work, reference, tmp_path):
         assert (tmp_path / "hf" / name).read_bytes() == (hf_dir / name).read_bytes()
 
 
-def test_tp2_gives_tp1_losses(work, reference, tmp_path):
-    pretrain(*work, tmp_path, "model.tensor_model_parallel_size=2", nproc=2)
+@pytest.mark.parametrize("layout", ["model.tensor_model_parallel_size=2",
+                                    "model.pipeline_model_parallel_size=2"])
+def test_tp2_and_pp2_give_tp1_losses(layout, work, reference, tmp_path):
+    """PP=2: the second stage rotates by the 3-D positions it computes from the batch's
+    tokens and grids."""
+    pretrain(*work, tmp_path, layout, nproc=2)
     got, want = logged_losses(tmp_path), reference[1]
     assert [s for s, _ in got] == [s for s, _ in want]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
