@@ -38,6 +38,7 @@ VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "patc
 SAVED = dict(vision_prefix="visual.", text_prefix="model.")
 MODULE = dict(vision_prefix="model.visual.", text_prefix="model.language_model.")
 DEFAULT_MROPE = (16, 24, 24)  # transformers' default when rope settings name none
+VISION_ACTS = PROJECTOR_ACTS  # the ACT2FN names LLaVA's projector takes: HF's module runs them
 
 
 def vision_from_hf(cfg: dict[str, Any], text_hidden: int) -> VisionSpec:
@@ -56,9 +57,9 @@ def vision_from_hf(cfg: dict[str, Any], text_hidden: int) -> VisionSpec:
                          "tower's shape from the config rather than assume transformers' "
                          "defaults")
     act = vision.get("hidden_act", "silu")
-    if act not in PROJECTOR_ACTS:
+    if act not in VISION_ACTS:
         raise NotImplementedError(f"vision_config.hidden_act={act!r} is not supported "
-                                  f"(supported: {', '.join(PROJECTOR_ACTS)})")
+                                  f"(supported: {', '.join(VISION_ACTS)})")
     rope = (vision.get("rope_parameters") or {}).get("rope_type", "axial")
     if rope != "axial":
         raise NotImplementedError(f"vision_config.rope_parameters.rope_type={rope!r} is not "
