@@ -8,6 +8,7 @@ images each, of different sizes and aspect ratios (each image its own grid).
   language model come out bit-identical;
 - TP=2 and PP=2 (the tower on the first stage) give TP=1's losses (1e-5 relative:
   tensor-parallel sums reorder float32 adds);
+- stopped after step 3 and resumed in a new launch, the losses are the straight run's;
 - bad input exits 2 before a model is built, naming the problem.
 """
 
@@ -110,6 +111,15 @@ def test_tp2_and_pp2_give_tp1_losses(layout, work, reference, tmp_path):
     assert [s for s, _ in got] == [s for s, _ in want]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
 
+
+def test_resume_is_exact(work, reference, tmp_path):
+    """Stopped after step 3 and resumed in a new launch: steps 4-6 log the straight run's
+    losses exactly."""
+    ckpt = tmp_path / "ckpt"
+    pretrain(*work, tmp_path / "a", f"checkpoint.save={ckpt}", "train.exit_interval=3")
+    assert [s for s, _ in logged_losses(tmp_path / "a")] == [1, 2, 3]
+    pretrain(*work, tmp_path / "b", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}")
+    assert logged_losses(tmp_path / "b") == reference[1][3:]
 
 def _two_tokens_one_image(hf, data):
     lines = (data / "training.jsonl").read_text().splitlines()
