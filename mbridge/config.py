@@ -60,6 +60,8 @@ def transformer_config_kwargs(spec: ModelSpec, parallel: ParallelSpec,
         # HF attends to the last `sliding_window` positions including itself; Megatron's
         # window (left, right) counts positions besides the query.
         kwargs["window_size"] = (spec.sliding_window - 1, 0)
+    if spec.rope.mrope_section is not None:  # 3-D positions (GPTModel's "mrope")
+        kwargs["mrope_section"] = list(spec.rope.mrope_section)
     kwargs.update(registry.get(spec.architecture).mcore_config(spec))
     return kwargs
 
@@ -69,7 +71,7 @@ def gpt_model_kwargs(spec: ModelSpec, parallel: ParallelSpec) -> dict[str, Any]:
     return dict(
         vocab_size=padded_vocab_size(spec.vocab_size, parallel.tp, parallel.vocab_multiple),
         max_sequence_length=spec.max_position_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="rope" if spec.rope.mrope_section is None else "mrope",
         rotary_base=spec.rope.theta,
         share_embeddings_and_output_weights=spec.tie_embeddings,
     )

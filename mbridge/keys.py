@@ -30,8 +30,12 @@ FINAL_NORM = "decoder.final_layernorm.weight"
 # them; ``module_key`` maps a built model's state-dict name to that name.
 LANGUAGE_MODEL = "language_model."
 MODALITY = "modality_submodules."
-MC_VISION = MODALITY + "images.encoders.clip."
+MC_ENCODERS = MODALITY + "images.encoders."
+MC_VISION = MC_ENCODERS + "clip."
 MC_PROJECTOR = MODALITY + "images.input_projections.0."
+# Qwen2.5-VL's tower holds its own projection (the patch merger), named under the encoder
+MC_QWEN_VISION = MC_ENCODERS + "qwen2_5_vl."
+MC_QWEN_MERGER = MC_QWEN_VISION + "merger."
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -60,6 +64,15 @@ def is_modality_key(mcore_key: str) -> bool:
     """Whether an mcore key names a modality submodule's tensor (a vision tower or projector,
     which live on the first pipeline stage)."""
     return mcore_key.startswith(MODALITY)
+
+
+def vision_part(mcore_key: str) -> str | None:
+    """Which part of a vision-language model an mcore key belongs to: ``"vision_projection"``
+    (LLaVA's projector, Qwen2.5-VL's patch merger), ``"vision_model"`` (the rest of a tower),
+    or None (the language model)."""
+    if mcore_key.startswith((MC_PROJECTOR, MC_QWEN_MERGER)):
+        return "vision_projection"
+    return "vision_model" if mcore_key.startswith(MC_ENCODERS) else None
 
 
 def module_key(key: str) -> str:

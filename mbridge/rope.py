@@ -71,3 +71,60 @@ def yarn_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp
     return interpolated * (1 - extrapolation) + extrapolated * extrapolation
+
+
+def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, *,
+                       image_token_id: int, spatial_merge_size: int) -> torch.Tensor:
+    """3-D rope positions ``[3, batch, seq]`` (temporal, height, width) of a batch whose
+    images are runs of ``image_token_id``, one run per row of ``image_grid_thw``
+    ``[images, 3]`` (patch grids, in reading order), as
+    ``Qwen2_5_VLModel.get_rope_index`` computes them for images: text tokens count on in
+    all three rows; an image's ``t * h * w / merge ** 2`` tokens take ``start + (t, h, w)``
+    of the merged grid, and text after it resumes at ``start + max(h, w) / merge``.
+
+    ``[[5, 9, 9, 9, 9, 6]]`` with one grid ``(1, 4, 4)``, merge 2 ->
+    ``[[[0, 1, 1, 1, 1, 3]], [[0, 1, 1, 2, 2, 3]], [[0, 1, 2, 1, 2, 3]]]``.
+    ValueError when a run of image tokens does not hold its grid's number of features."""
+    grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw]
+    out = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    used = 0
+    for row, ids in enumerate(input_ids.tolist()):
+        pos, start = [], 0
+        for is_image, run in _runs(ids, image_token_id):
+            if not is_image:
+                pos.append(torch.arange(run).expand(3, -1) + start)
+                start += run
+                continue
+            if used == len(grids):
+                raise ValueError(f"input_ids hold more runs of image tokens ({image_token_id}) "
+                                 f"than image_grid_thw has images ({len(grids)})")
+            t, h, w = grids[used]
+            used += 1
+            m = spatial_merge_size
+            want = t * h * w // m ** 2
+            if run != want:
+                raise ValueError(f"image {used - 1} has grid {(t, h, w)}: {want} features, but "
+                                 f"its run of image tokens holds {run}")
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h // m),
+                                        torch.arange(w // m), indexing="ij")
+            pos.append(torch.stack([tt, hh, ww]).reshape(3, -1) + start)
+            start += max(h, w) // m
+        if pos:  # an empty sequence has no positions
+            out[:, row] = torch.cat(pos, dim=1)
+    if used != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} images, input_ids hold {used} runs "
+                         f"of image tokens ({image_token_id})")
+    return out.to(input_ids.device)
+
+
+def _runs(ids: list[int], token: int):
+    """``(is token, length)`` of each run of equal kind: ``[1, 9, 9, 2]`` with 9 ->
+    ``(False, 1), (True, 2), (False, 1)``."""
+    out: list[tuple[bool, int]] = []
+    for t in ids:
+        kind = t == token
+        if out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1] + 1)
+        else:
+            out.append((kind, 1))
+    return out

@@ -70,6 +70,10 @@ class RopeSpec(Spec, frozen=True, kw_only=True):
     attention_factor: float | None = None
     mscale: float | None = None
     mscale_all_dim: float | None = None
+    # multimodal rope (Qwen2-VL, Qwen2.5-VL): the rotary frequencies split into temporal,
+    # height and width sections of these sizes (summing to head_dim / 2), each rotated by
+    # its own row of 3-D position ids (Megatron-Core's ``position_embedding_type="mrope"``)
+    mrope_section: tuple[int, ...] | None = None
 
 
 class MoESpec(Spec, frozen=True, kw_only=True):
@@ -127,45 +131,84 @@ class MLASpec(Spec, frozen=True, kw_only=True):
     v_head_dim: int
 
 
-class VisionSpec(Spec, frozen=True, kw_only=True):
-    """The vision side of a vision-language model (LLaVA): a vision tower kept as the HF
-    module built from ``tower_config`` (the HF ``vision_config``, canonical JSON) and
-    replicated over tensor-parallel ranks, the features of ``feature_layers`` (hidden states
-    indices, concatenated; ``select_strategy="default"`` drops the CLS token), a two-layer MLP
-    projector ``[len(feature_layers) * hidden_size] -> [text hidden]`` with activation
-    ``projector_act``, and the placeholder token ``image_token_id`` that the projected features
-    replace, ``tokens_per_image`` of them per image. ``text_architecture`` names the language
-    model's own architecture (``LlamaForCausalLM``)."""
+VISION_TOWERS = ("clip", "qwen2_5_vl")
 
-    tower: Literal["clip"] = "clip"
+
+class VisionSpec(Spec, frozen=True, kw_only=True):
+    """The vision side of a vision-language model: a vision tower kept as the HF module
+    built from ``tower_config`` (the HF ``vision_config``, canonical JSON) and replicated
+    over tensor-parallel ranks, whose features replace the placeholder token
+    ``image_token_id`` one row each. ``text_architecture`` names the language model's own
+    architecture (``LlamaForCausalLM``).
+
+    ``tower="clip"`` (LLaVA): every image resized to ``image_size``; the features of
+    ``feature_layers`` (hidden states indices, concatenated; ``select_strategy="default"``
+    drops the CLS token) pass a two-layer MLP projector ``[len(feature_layers) *
+    hidden_size] -> [text hidden]`` with activation ``projector_act``; ``tokens_per_image``
+    features per image.
+
+    ``tower="qwen2_5_vl"``: images at their own resolution (``image_size`` None), cut into
+    ``patch_size`` patches (``temporal_patch_size`` frames deep) on a grid ``(t, h, w)``;
+    blocks attend within windows of ``window_size`` pixels except ``full_attention_layers``;
+    the tower's own merger joins ``spatial_merge_size ** 2`` neighbouring patches into one
+    feature of ``out_hidden_size``: ``t * h * w / spatial_merge_size ** 2`` per image
+    (``tokens_for_grid``)."""
+
+    tower: Literal["clip", "qwen2_5_vl"] = "clip"
     tower_config: str
     hidden_size: int
     num_layers: int
     intermediate_size: int
-    image_size: int
+    image_size: int | None = None
     patch_size: int
     num_channels: int = 3
     feature_layers: tuple[int, ...] = (-2,)
     select_strategy: Literal["default", "full"] = "default"
     projector_act: str = "gelu"
     projector_bias: bool = True
+    spatial_merge_size: int = 1
+    temporal_patch_size: int = 1
+    out_hidden_size: int | None = None
+    window_size: int | None = None
+    full_attention_layers: tuple[int, ...] = ()
     image_token_id: int
     text_architecture: str
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision image_size={self.image_size} is not a multiple of "
-                             f"patch_size={self.patch_size}")
-        for layer in self.feature_layers:
-            if not -(self.num_layers + 1) <= layer <= self.num_layers:
-                raise ValueError(f"vision_feature_layer={layer} is outside the vision tower's "
-                                 f"{self.num_layers + 1} hidden states")
+        if self.tower == "clip":
+            if self.image_size is None or self.image_size % self.patch_size:
+                raise ValueError(f"vision image_size={self.image_size} is not a multiple of "
+                                 f"patch_size={self.patch_size}")
+            for layer in self.feature_layers:
+                if not -(self.num_layers + 1) <= layer <= self.num_layers:
+                    raise ValueError(f"vision_feature_layer={layer} is outside the vision "
+                                     f"tower's {self.num_layers + 1} hidden states")
+        for layer in self.full_attention_layers:
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"vision fullatt_block_indexes holds {layer}, outside the "
+                                 f"tower's {self.num_layers} blocks")
+        if self.window_size is not None and self.window_size % (
+                self.patch_size * self.spatial_merge_size):
+            raise ValueError(f"vision window_size={self.window_size} is not a multiple of "
+                             f"patch_size * spatial_merge_size = "
+                             f"{self.patch_size * self.spatial_merge_size}")
 
     @property
     def tokens_per_image(self) -> int:
-        """``(image_size / patch_size) ** 2`` patches, plus the CLS token with ``"full"``."""
+        """A fixed-size tower's features per image: ``(image_size / patch_size) ** 2``
+        patches, plus the CLS token with ``"full"``. ValueError for a tower that takes
+        images at their own size (``tokens_for_grid``)."""
+        if self.image_size is None:
+            raise ValueError(f"a {self.tower} tower takes images at their own size: its "
+                             "features per image follow from the image's grid")
         patches = (self.image_size // self.patch_size) ** 2
         return patches + (self.select_strategy == "full")
+
+    def tokens_for_grid(self, grid: tuple[int, int, int]) -> int:
+        """Features of an image on the patch grid ``(t, h, w)``: ``(1, 8, 6)`` with
+        ``spatial_merge_size=2`` -> 12."""
+        t, h, w = grid
+        return t * h * w // self.spatial_merge_size ** 2
 
 
 class ModelSpec(Spec, frozen=True, kw_only=True):

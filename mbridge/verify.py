@@ -101,11 +101,10 @@ def logits_diff(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, spec: M
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=gen)
     inputs = {}
     if spec.vision is not None:  # one random image per row, its tokens first
-        v = spec.vision
+        inputs = random_images(spec.vision, batch, gen)
+        v, tokens = spec.vision, inputs.pop("tokens_per_image")
         ids[ids == v.image_token_id] = (v.image_token_id + 1) % spec.vocab_size
-        ids = torch.cat([torch.full((batch, v.tokens_per_image), v.image_token_id), ids], 1)
-        inputs["pixel_values"] = torch.randn(batch, v.num_channels, v.image_size, v.image_size,
-                                             generator=gen)
+        ids = torch.cat([torch.full((batch, tokens), v.image_token_id), ids], 1)
     provider = AutoBridge.from_mcore_checkpoint(mcore_dir).to_megatron_provider()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Megatron-Core's and DCP's deprecation notices
@@ -115,6 +114,26 @@ def logits_diff(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, spec: M
     del model
     auto = AutoModelForCausalLM if spec.vision is None else AutoModelForImageTextToText
     hf = auto.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager").float().eval()
+    if "image_grid_thw" in inputs:  # Qwen2.5-VL's rope index reads the image tokens' type
+        inputs["mm_token_type_ids"] = (ids == spec.vision.image_token_id).int()
     with torch.no_grad():
         ref = hf(input_ids=ids, **inputs).logits
     return (got - ref).abs().max().item()
+
+
+def random_images(vision, batch: int, gen: torch.Generator) -> dict:
+    """``batch`` random images as the model's image processor gives them, and
+    ``tokens_per_image``: CLIP's ``[batch, channels, size, size]``; Qwen2.5-VL's patches
+    ``[batch * h * w, channels * temporal * patch ** 2]`` on grids of 2x2 merged features
+    (``image_grid_thw``)."""
+    if vision.tower == "clip":
+        size = vision.image_size
+        return dict(pixel_values=torch.randn(batch, vision.num_channels, size, size,
+                                             generator=gen),
+                    tokens_per_image=vision.tokens_per_image)
+    side = 2 * vision.spatial_merge_size
+    width = vision.num_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    grid = (1, side, side)
+    return dict(pixel_values=torch.randn(batch * side * side, width, generator=gen),
+                image_grid_thw=torch.tensor([grid] * batch),
+                tokens_per_image=vision.tokens_for_grid(grid))

@@ -12,6 +12,7 @@ from mbridge.architectures import (  # noqa: F401  (register)
     mistral,
     mixtral,
     qwen2,
+    qwen2_5_vl,
     qwen2_moe,
     qwen3,
     qwen3_moe,

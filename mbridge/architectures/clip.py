@@ -59,13 +59,15 @@ def shapes(vision: VisionSpec) -> Shapes:
     return out
 
 
-def _renames(names, hf_prefix: str) -> Mapping:
-    return chain(*(rename(hf_prefix + k, MC_VISION + k) for k in names))
+def renames(names, hf_prefix: str, mcore_prefix: str = MC_VISION) -> Mapping:
+    """Each of a tower's tensors passed through unchanged (replicated), moved from
+    ``hf_prefix`` to ``mcore_prefix``."""
+    return chain(*(rename(hf_prefix + k, mcore_prefix + k) for k in names))
 
 
 def mapping(vision: VisionSpec, hf_prefix: str = "vision_tower.") -> tuple[Mapping, ...]:
     """Groups: embeddings, one per encoder layer, the post-encoder LayerNorm."""
-    layer = _renames([LAYER + k for k in layer_shapes(vision)], hf_prefix)
-    return (_renames(embedding_shapes(vision), hf_prefix),
+    layer = renames([LAYER + k for k in layer_shapes(vision)], hf_prefix)
+    return (renames(embedding_shapes(vision), hf_prefix),
             *(at(layer, i=i) for i in range(vision.num_layers)),
-            _renames(tail_shapes(vision), hf_prefix))
+            renames(tail_shapes(vision), hf_prefix))

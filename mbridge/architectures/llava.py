@@ -146,12 +146,13 @@ def hf_options(hf_keys: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _text(method: str):
+def text_delegate(method: str):
+    """The text architecture's own ``method``, called on the language model's spec."""
     def delegate(spec: ModelSpec, *args):
         return getattr(get(spec.vision.text_architecture), method)(text_spec(spec), *args)
     return delegate
 
 
 LLAVA = register(Architecture(NAME, from_hf_config, to_hf_config, mapping,
-                              _text("layer_shapes"), _text("mcore_config"),
+                              text_delegate("layer_shapes"), text_delegate("mcore_config"),
                               hf_options=hf_options, module_shapes=module_shapes))

@@ -41,7 +41,9 @@ where Megatron-Core 0.16's router fails its first forward with ``NameError: name
    parameter's norm to the host: one device sync per parameter (over 1,000 a step at 4 MoE
    layers of 128 experts). ``bridge_missing_te`` replaces it there with
    ``foreach_l2_norm``: the same per-tensor norms from ``torch._foreach_norm``, reduced on
-   the device.
+   the device; and its ``local_multi_tensor_scale`` (a multiply and a copy per parameter,
+   256 launches a step for LoRA on a 16-layer model, in a host-bound stretch after the norm's
+   sync) with ``foreach_scale``: ``torch._foreach_mul_``, the same products.
 10. ``torch.cuda.current_stream()`` -> the CPU's current stream (``torch.cpu.Stream``, whose
    ``wait_event``/``wait_stream`` do nothing): from Megatron-Core 0.19 the data-parallel
    gradient sync waits on it for CUDA-graph events before every reduction
@@ -128,6 +130,11 @@ def bridge_missing_te() -> None:
 
     if clip_grads.l2_norm_impl is mutils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = foreach_l2_norm
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for mod in (clip_grads, moptimizer):  # clipping; the fp16 optimizer's main->model copy
+        if getattr(mod, "multi_tensor_scale_impl", None) is mutils.local_multi_tensor_scale:
+            mod.multi_tensor_scale_impl = foreach_scale
 
 
 def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -139,6 +146,19 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
         return torch.zeros(1, dtype=torch.float, device=device), None
     norms = torch._foreach_norm(tensors)
     return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
+    """Drop-in for ``local_multi_tensor_scale`` (item 9): ``dst = src * scale`` for each pair,
+    as ``torch._foreach_mul_`` in place where source and destination are the same tensors
+    (gradient clipping's call), else products then copies."""
+    srcs, dsts = tensor_lists[0], tensor_lists[1]
+    if not srcs:
+        return
+    if all(s is d for s, d in zip(srcs, dsts, strict=True)):
+        torch._foreach_mul_(list(dsts), scale)
+    else:
+        torch._foreach_copy_(list(dsts), torch._foreach_mul(list(srcs), scale))
 
 
 def _patch_tracker_add(mrandom) -> None:

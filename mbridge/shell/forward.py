@@ -26,8 +26,9 @@ def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_
            groups: Groups | None = None, **inputs) -> torch.Tensor:
     """``[batch, seq, vocab_size]`` float32 logits of ``input_ids`` ``[batch, seq]``, on the CPU
     of every rank of the model's groups (``groups``; None: the groups the chunks were built
-    on). ``inputs``: more model inputs for the first stage (a vision-language model's
-    ``pixel_values``)."""
+    on). ``inputs``: more model inputs, given to every stage (a vision-language model's
+    ``pixel_values``, which its first stage reads, and Qwen2.5-VL's ``image_grid_thw``,
+    from which every stage computes its rope positions)."""
     chunks = unwrap(chunks)
     groups = groups or groups_of(chunks)
     device = next(chunks[0].parameters()).device
@@ -46,8 +47,7 @@ def logits(chunks: list, input_ids: torch.Tensor, parallel: ParallelSpec, vocab_
             dist.recv(hidden, src=dist.get_global_rank(pp_group, order[step - 1][0]),
                       group=pp_group)
             model.set_input_tensor(hidden)
-        out = model(ids, pos, attention_mask=None,
-                    **({k: v.to(device) for k, v in inputs.items()} if stage == 0 else {}))
+        out = model(ids, pos, attention_mask=None, **{k: v.to(device) for k, v in inputs.items()})
         if step + 1 < len(order):
             dist.send(out.contiguous(), dst=dist.get_global_rank(pp_group, order[step + 1][0]),
                       group=pp_group)

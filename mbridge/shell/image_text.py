@@ -1,5 +1,5 @@
-"""Image-text datasets from ``data.dataset_root`` for vision-language models (LLaVA), made
-into samples through the model's own HF processor by the pure rules of
+"""Image-text datasets from ``data.dataset_root`` for vision-language models (LLaVA,
+Qwen2.5-VL), made into samples through the model's own HF processor by the pure rules of
 ``mbridge.train.image_text``.
 
 The processor (``AutoProcessor``: tokenizer, image processor, placeholder expansion) comes
@@ -8,7 +8,10 @@ from ``data.tokenizer`` or the checkpoint's directory, which must hold its files
 the datasets are built, before any model: its images open, its text holds one image token
 per image, and the processor expands them into exactly the features the vision tower makes.
 Images are decoded again when a micro-batch is collated (``pixel_values`` of every image
-of the micro-batch, in token order), so memory holds tokens, not pixels.
+of the micro-batch, in token order, and for Qwen2.5-VL their ``image_grid_thw``), so memory
+holds tokens, not pixels. Qwen2.5-VL's processor is ``GridProcessor``: its tokenizer and
+image processor with ``Qwen2_5_VLProcessor``'s expansion, which transformers 5 cannot build
+without torchvision.
 
     train, valid, test = build_datasets(context)    # the provider pretrain() picks
 """
@@ -38,11 +41,41 @@ def check_processor(path: Path | None) -> None:
                           "holding one")
 
 
-def load_processor(path: Path):
-    from transformers import AutoProcessor
+class GridProcessor:
+    """Qwen2.5-VL's processor as ``Qwen2_5_VLProcessor`` works for images: the image
+    processor's ``pixel_values`` and ``image_grid_thw``, each ``<|image_pad|>`` of the text
+    repeated ``t * h * w / merge_size ** 2`` times (``replace_image_token``), then the
+    tokenizer. ``Qwen2_5_VLProcessor`` itself needs torchvision in transformers 5 (its
+    video processor), which images do not."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def __call__(self, *, text: list[str], images) -> dict:
+        vis = self.image_processor(images=images, return_tensors="pt")
+        grids = iter(vis["image_grid_thw"].tolist())
+        merge = self.image_processor.merge_size ** 2
+
+        def expand(t: str) -> str:
+            first, *rest = t.split(self.image_token)
+            for part in rest:
+                g = next(grids)
+                first += self.image_token * (g[0] * g[1] * g[2] // merge) + part
+            return first
+
+        return {"input_ids": self.tokenizer([expand(t) for t in text])["input_ids"], **vis}
+
+
+def load_processor(path: Path, spec: ModelSpec | None = None):
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     check_processor(path)
     try:
+        if spec is not None and spec.vision is not None and spec.vision.tower == "qwen2_5_vl":
+            return GridProcessor(AutoTokenizer.from_pretrained(str(path)),
+                                 AutoImageProcessor.from_pretrained(str(path)))
         return AutoProcessor.from_pretrained(str(path))
     except Exception as e:  # transformers raises OSError, ValueError, ... by case
         raise ConfigError(f"cannot load an HF processor from {path}: {e}") from None
@@ -74,13 +107,20 @@ def encode(record, proc, root: Path, spec: ModelSpec) -> tuple[list[int], list[b
     if image_text.count_placeholders(text, token) != len(paths):
         raise SFTDataError(f"the text holds {image_text.count_placeholders(text, token)} image "
                            f"token(s) {token!r} for {len(paths)} image(s)")
-    ids = list(proc(text=[text], images=_open(root, paths))["input_ids"][0])
+    enc = proc(text=[text], images=_open(root, paths))
+    ids = list(enc["input_ids"][0])
     prompt_tokens = len(ids) if prompt else 0
     if prompt:
         ids += tok(completion, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
-    image_text.check_image_tokens(ids, images=len(paths), tokens_per_image=v.tokens_per_image,
+    if v.image_size is None:  # images at their own size: features from each one's grid
+        image_text.check_patches(enc["pixel_values"].shape[-1], channels=v.num_channels,
+                                 temporal=v.temporal_patch_size, patch=v.patch_size)
+        counts = [v.tokens_for_grid(tuple(g)) for g in enc["image_grid_thw"].tolist()]
+    else:
+        counts = v.tokens_per_image
+    image_text.check_image_tokens(ids, images=len(paths), tokens_per_image=counts,
                                   image_token_id=v.image_token_id)
     return image_text.image_text_sample(ids, prompt_tokens=prompt_tokens,
                                         image_token_id=v.image_token_id)
@@ -110,8 +150,10 @@ class ImageTextDataset:
         out = {k: torch.tensor([sft.pad(x[k], n, v) for x in items], dtype=torch.long)
                for k, v in fill.items()}
         images = _open(self.root, [p for x in items for p in x["images"]])
-        out["pixel_values"] = self.image_processor(images=images,
-                                                   return_tensors="pt")["pixel_values"]
+        vis = self.image_processor(images=images, return_tensors="pt")
+        out["pixel_values"] = vis["pixel_values"]
+        if "image_grid_thw" in vis:  # images at their own size (Qwen2.5-VL)
+            out["image_grid_thw"] = vis["image_grid_thw"]
         return out
 
 
@@ -132,7 +174,7 @@ def build_datasets(context):
     None, None)."""
     cfg = context.config
     root, n = Path(cfg.data.dataset_root), cfg.model.seq_length
-    proc = load_processor(context.tokenizer_dir)
+    proc = load_processor(context.tokenizer_dir, context.spec)
     tok = proc.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out = []
@@ -155,4 +197,5 @@ def build_datasets(context):
     return out[0], out[1], None
 
 
-__all__ = ["ImageTextDataset", "build_datasets", "check_processor", "encode", "load_processor"]
+__all__ = ["GridProcessor", "ImageTextDataset", "build_datasets", "check_processor", "encode",
+           "load_processor"]

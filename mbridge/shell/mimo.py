@@ -54,7 +54,8 @@ def _nbytes(shape, dtype: str) -> int:
 
 
 def _is_vision(key: str) -> bool:
-    return key.startswith(keys.MC_VISION) or key.startswith(keys.MC_PROJECTOR)
+    """Whether an mcore key belongs to the ``images`` module (tower and projection)."""
+    return key.startswith(keys.MODALITY)
 
 
 class _Module:

@@ -24,7 +24,7 @@ from mbridge import config as mconfig
 from mbridge.architectures import registry
 from mbridge.rope import rope_inv_freq
 from mbridge.sharding.dist_checkpoint import checkpoint_renames
-from mbridge.shell import cpu_shim, dist, vlm
+from mbridge.shell import cpu_shim, dist, fast_optimizer, vlm
 from mbridge.shell.module_spec import building, built_class, submodules_of
 from mbridge.specs import ModelSpec, ParallelSpec, torch_dtype
 
@@ -147,6 +147,7 @@ def build_chunks(spec: ModelSpec, parallel: ParallelSpec, pp_rank: int, *,
 
     cpu_shim.apply()  # Megatron-Core's CUDA-only calls, bridged on a machine without CUDA
     cpu_shim.bridge_missing_te()  # and its unguarded uses of TE, on any device
+    fast_optimizer.install()  # the distributed optimizer's per-parameter copies as one
     build = builder_of(spec)
     te = use_te if use_te is not None else have_te()
     # TE's MLA spec replicates the down-projections and fuses the latent norms into the

@@ -48,9 +48,7 @@ def freeze(chunks: list, *, model: ModelConfig) -> None:
     vision tower, its projection, everything else (the language model)."""
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            part = ("vision_model" if name.startswith(keys.MC_VISION) else
-                    "vision_projection" if name.startswith(keys.MC_PROJECTOR) else
-                    "language_model")
+            part = keys.vision_part(name) or "language_model"
             if getattr(model, f"freeze_{part}"):
                 param.requires_grad_(False)
 
@@ -222,8 +220,9 @@ class MegatronRuntime:
         if "cu_seqlens" in mb:  # packed documents: attention and rope stay inside each
             extra["packed_seq_params"] = packed_seq_params(mb["cu_seqlens"],
                                                            self.groups.collection.cp)
-        if "pixel_values" in mb:  # a vision-language model's images (first stage reads them)
-            extra["pixel_values"] = mb["pixel_values"]
+        for name in ("pixel_values", "image_grid_thw"):  # a vision-language model's images
+            if name in mb:  # (the first stage reads the pixels, every stage the grids)
+                extra[name] = mb[name]
         output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], **extra)
         return output, partial(_loss_func, mb["loss_mask"])
 

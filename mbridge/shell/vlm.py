@@ -1,18 +1,23 @@
 """Vision-language models on Megatron-Core, in Megatron-Core's MIMO structure
 (``megatron/core/models/mimo``): ``modality_submodules["images"]`` (a
-``VisionModalitySubmodules``: the encoder ``clip`` and one input projection) beside the
-``language_model`` (a ``GPTModel``), the image placeholder tokens of ``input_ids`` replaced
-by the projected features (``MimoModel.align_embeddings_by_token_positions``).
+``VisionModalitySubmodules``: one encoder, named for its tower, and LLaVA's input
+projection) beside the ``language_model`` (a ``GPTModel``), the image placeholder tokens of
+``input_ids`` replaced by the projected features
+(``MimoModel.align_embeddings_by_token_positions``).
 
-The vision tower and projector are Hugging Face's own modules (``CLIPVisionModel``,
-``LlavaMultiModalProjector``), built from the checkpoint's ``vision_config`` and replicated
-over tensor-parallel ranks: every rank computes the same features, the gradient that reaches
-them is already summed over the tensor-parallel group (the first layer's column-parallel
-input), so they need no collective of their own and compute exactly what HF computes.
+The vision towers and projector are Hugging Face's own modules, built from the checkpoint's
+``vision_config``: LLaVA's ``CLIPVisionModel`` and ``LlavaMultiModalProjector``,
+Qwen2.5-VL's ``Qwen2_5_VisionTransformerPretrainedModel`` (window attention and the patch
+merger, which is its projection). They are replicated over tensor-parallel ranks: every
+rank computes the same features, the gradient that reaches them is already summed over the
+tensor-parallel group (the first layer's column-parallel input), so they need no collective
+of their own and compute exactly what HF computes.
 ``VisionLanguageModel`` adds to ``MimoModel`` what a pipeline stage needs: the modality
 submodules live on the first stage only, later stages run the language model on the
 activations they receive, and the language model's output (logits or loss) is returned as
 ``GPTModel`` returns it, so Megatron-Core's schedules and mbridge's forward take it as one.
+A language model with multimodal rope (Qwen2.5-VL) rotates by 3-D positions that every
+stage computes from ``input_ids`` and ``image_grid_thw`` (``rope.mrope_position_ids``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,25 @@ from types import SimpleNamespace
 
 import torch
 
+from mbridge.rope import mrope_position_ids
 from mbridge.specs import VisionSpec
+
+
+@functools.cache
+def _qwen_submodules_class():
+    from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+
+    class QwenVisionSubmodules(VisionModalitySubmodules):
+        """The tower's merged features ``[tokens, out_hidden]`` of every image, in order
+        (``Qwen2_5_VLModel.get_image_features``); the merger inside the tower projects them."""
+
+        def encode(self, encoders_data_batch):
+            inputs = encoders_data_batch["qwen2_5_vl"]
+            tower = self.encoders["qwen2_5_vl"]
+            pixels = inputs["pixel_values"].to(next(tower.parameters()).dtype)
+            return [tower(pixels, grid_thw=inputs["image_grid_thw"]).pooler_output]
+
+    return QwenVisionSubmodules
 
 
 @functools.cache
@@ -57,9 +80,22 @@ def _submodules_class():
 
 
 def modality_spec(vision: VisionSpec, text_hidden: int):
-    """The ``images`` modality as Megatron-Core's ``ModuleSpec``: HF's CLIP tower from the
-    checkpoint's ``vision_config``, HF's LLaVA projector."""
+    """The ``images`` modality as Megatron-Core's ``ModuleSpec``: HF's tower from the
+    checkpoint's ``vision_config`` (and LLaVA's projector)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if vision.tower == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+            Qwen2_5_VLVisionConfig,
+        )
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel,
+        )
+
+        tower_cfg = Qwen2_5_VLVisionConfig(**json.loads(vision.tower_config))
+        return ModuleSpec(module=_qwen_submodules_class(), submodules={"encoders": {
+            "qwen2_5_vl": ModuleSpec(module=Qwen2_5_VisionTransformerPretrainedModel,
+                                     params={"config": tower_cfg})}})
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
@@ -85,6 +121,10 @@ def _model_class():
     class VisionLanguageModel(MimoModel):
         """``MimoModel`` as one pipeline stage (see the module docstring)."""
 
+        def __init__(self, config, vision: VisionSpec):
+            super().__init__(config)
+            self.vision = vision
+
         @property
         def pg_collection(self):
             return self.language_model.pg_collection
@@ -109,27 +149,51 @@ def _model_class():
             return self.language_model.shared_embedding_or_output_weight()
 
         def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None,
-                    pixel_values=None, loss_mask=None, packed_seq_params=None,
-                    image_embeddings=None, **kwargs):
+                    pixel_values=None, image_grid_thw=None, loss_mask=None,
+                    packed_seq_params=None, image_embeddings=None, **kwargs):
             lm = self.language_model
             extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
+            rope = self.rope_positions(input_ids, position_ids, image_grid_thw)
             if not lm.pre_process:
-                return lm(None, None, attention_mask, labels=labels, **extra)
+                return lm(None, rope, attention_mask, labels=labels, **extra)
             token = self.special_token_ids["images"]
             embeddings = {}
             if image_embeddings is not None:  # made by the encoder's ranks (MIMO layouts)
                 embeddings["images"] = image_embeddings
             elif pixel_values is not None:
                 embeddings["images"] = self.modality_submodules["images"](
-                    encoder_inputs={"clip": {"pixel_values": pixel_values}})
+                    encoder_inputs=self.encoder_inputs(pixel_values, image_grid_thw))
             elif bool((input_ids == token).any()):
                 raise ValueError(f"input_ids hold image tokens ({token}) but no pixel_values "
                                  "were given")
-            embeddings["text"] = self.get_text_embeddings(input_ids, position_ids,
+            text_positions = position_ids if position_ids is None or position_ids.dim() == 2 \
+                else None
+            embeddings["text"] = self.get_text_embeddings(input_ids, text_positions,
                                                           self.special_token_ids)
             combined = self.align_embeddings_by_token_positions(embeddings, input_ids,
                                                                 self.special_token_ids)
-            return lm(None, None, attention_mask, decoder_input=combined, labels=labels, **extra)
+            return lm(None, rope, attention_mask, decoder_input=combined, labels=labels,
+                      **extra)
+
+        def encoder_inputs(self, pixel_values, image_grid_thw):
+            if self.vision.tower == "clip":
+                return {"clip": {"pixel_values": pixel_values}}
+            if image_grid_thw is None:
+                raise ValueError("a Qwen2.5-VL model needs image_grid_thw with its "
+                                 "pixel_values (what its image processor returns)")
+            return {"qwen2_5_vl": {"pixel_values": pixel_values,
+                                   "image_grid_thw": image_grid_thw}}
+
+        def rope_positions(self, input_ids, position_ids, image_grid_thw):
+            """The positions the language model rotates by: 3-D ones for multimodal rope
+            (given, or computed from ``input_ids`` and ``image_grid_thw``)."""
+            if self.language_model.position_embedding_type != "mrope":
+                return position_ids
+            if position_ids is not None and position_ids.dim() == 3:
+                return position_ids
+            return mrope_position_ids(input_ids, image_grid_thw,
+                                      image_token_id=self.vision.image_token_id,
+                                      spatial_merge_size=self.vision.spatial_merge_size)
 
     return VisionLanguageModel
 
@@ -149,7 +213,7 @@ def build(vision: VisionSpec, text_hidden: int, gpt_params: dict, first: bool):
             modality_submodules_spec={"images": modality_spec(vision, text_hidden)}
             if first else {},
             special_token_ids={"images": vision.image_token_id})
-        return _model_class()(config)
+        return _model_class()(config, vision)
 
 
 class VisionPart(torch.nn.Module):

@@ -43,17 +43,34 @@ def count_placeholders(text: str, image_token: str) -> int:
     return text.count(image_token)
 
 
-def check_image_tokens(ids: Sequence[int], *, images: int, tokens_per_image: int,
-                       image_token_id: int) -> None:
-    """SFTDataError unless ``ids`` hold exactly ``images * tokens_per_image`` placeholder
-    tokens: the model replaces that many by features, one row of features each."""
+def check_image_tokens(ids: Sequence[int], *, images: int,
+                       tokens_per_image: int | Sequence[int], image_token_id: int) -> None:
+    """SFTDataError unless ``ids`` hold exactly as many placeholder tokens as the images
+    have features (``tokens_per_image``: one count for every image, or one per image, as
+    for images at their own size): the model replaces each by one row of features."""
     have = sum(1 for t in ids if t == image_token_id)
-    want = images * tokens_per_image
+    counts = [tokens_per_image] * images if isinstance(tokens_per_image, int) \
+        else list(tokens_per_image)
+    want = sum(counts)
     if have != want:
+        each = f"{counts[0]} features each" if len(set(counts)) == 1 else \
+            f"{', '.join(map(str, counts))} features"
         raise SFTDataError(f"{have} image tokens (id {image_token_id}) for {images} image(s) of "
-                           f"{tokens_per_image} features each ({want} expected): the text "
+                           f"{each} ({want} expected): the text "
                            "needs one image token per image, and the processor must expand "
-                           "it as the model's vision tower counts features (patch size, CLS)")
+                           "it as the model's vision tower counts features (patch size, CLS, "
+                           "spatial merge)")
+
+
+def check_patches(width: int, *, channels: int, temporal: int, patch: int) -> None:
+    """SFTDataError unless an image processor's patch rows ``[patches, width]`` are the
+    tower's: ``channels * temporal * patch ** 2`` values each (Qwen2.5-VL)."""
+    want = channels * temporal * patch ** 2
+    if width != want:
+        raise SFTDataError(f"the image processor gives patches of {width} values; the vision "
+                           f"tower takes {channels} channels x {temporal} frames x "
+                           f"{patch}x{patch} pixels = {want}: its patch_size or "
+                           "temporal_patch_size disagrees with the model's")
 
 
 def image_text_sample(ids: Sequence[int], *, prompt_tokens: int,
@@ -65,4 +82,5 @@ def image_text_sample(ids: Sequence[int], *, prompt_tokens: int,
     return list(ids), mask
 
 
-__all__ = ["check_image_tokens", "count_placeholders", "image_text_sample", "record_parts"]
+__all__ = ["check_image_tokens", "check_patches", "count_placeholders", "image_text_sample",
+           "record_parts"]

@@ -154,6 +154,9 @@ def _finalize_mimo(cfg: RunConfig, spec: ModelSpec, world_size: int):
     _check(spec.vision is not None, f"model.module_parallelisms lays out the modules of a "
            f"vision-language model; {spec.architecture} has one module: use "
            "model.tensor_model_parallel_size etc.")
+    _check(spec.vision.tower == "clip", f"model.module_parallelisms supports LLaVA's CLIP "
+           f"tower; {spec.architecture}'s {spec.vision.tower!r} tower (multimodal rope, "
+           "image grids) is not supported with a layout per module yet")
     heads = {mimo.llm_module_name: spec.num_heads}
     try:
         mimo = mimo.finalize(world_size, global_batch_size=cfg.train.global_batch_size,

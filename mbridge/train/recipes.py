@@ -5,16 +5,16 @@
 
 Architectures are those of the public HF configs (``meta-llama/Llama-3.2-1B``,
 ``meta-llama/Meta-Llama-3-8B``, ``Qwen/Qwen3-8B``); parallel sizes and batch settings follow
-Megatron-Bridge's pretraining recipes for the same models. ``hf_path`` starts from a
-converted HF checkpoint instead of random init (the architecture then comes from it).
+Megatron-Bridge's pretraining recipes for the same models. ``hf_path`` starts from a converted
+HF checkpoint instead of random init (the architecture then comes from it).
 ``tiny_llama_pretrain`` trains on a laptop CPU in seconds with mock data.
 ``tiny_llava_pretrain``/``tiny_llava_finetune`` train a vision-language model (LLaVA) on
-image-text records. The other ``*_finetune`` recipes start from
-``checkpoint.pretrained_checkpoint`` (an HF directory or a distributed checkpoint) and read SFT
-JSONL from ``data.dataset_root``. The ``*_peft`` recipes are the same runs with LoRA on
-(``peft`` section: dim 32, alpha 32 on linear_qkv, linear_proj, linear_fc1, linear_fc2, experts
-included; the base frozen, adapters-only checkpoints) at lr 1e-4, as Megatron-Bridge's PEFT
-recipes; ``peft.scheme=dora`` for DoRA.
+image-text records, ``tiny_qwen25vl_pretrain`` a Qwen2.5-VL. The other ``*_finetune`` recipes
+start from ``checkpoint.pretrained_checkpoint`` (an HF directory or a distributed checkpoint)
+and read SFT JSONL from ``data.dataset_root``. The ``*_peft`` recipes are the same runs with
+LoRA on (``peft`` section: dim 32, alpha 32 on linear_qkv, linear_proj, linear_fc1,
+linear_fc2, experts included; the base frozen, adapters-only checkpoints) at lr 1e-4, as
+Megatron-Bridge's PEFT recipes; ``peft.scheme=dora`` for DoRA.
 """
 
 from __future__ import annotations
@@ -280,12 +280,23 @@ def tiny_llava_finetune(pretrained_checkpoint: str | None = None,
         mixed_precision="fp32")
 
 
+def tiny_qwen25vl_pretrain(hf_path: str | None = None,
+                           dataset_root: str | None = None) -> RunConfig:
+    """``tiny_llava_pretrain`` for a tiny Qwen2.5-VL (``hf_path``: an HF directory with its
+    tokenizer and image processor): only the vision projection (the tower's patch merger)
+    trains, on image-text records whose text holds
+    ``<|vision_start|><|image_pad|><|vision_end|>`` per image; images at their own size."""
+    cfg = tiny_llava_pretrain(hf_path, dataset_root)
+    return replace(cfg, logging=replace(cfg.logging, output_dir="runs/tiny_qwen25vl_pretrain"))
+
+
 RECIPES: dict[str, Callable[..., RunConfig]] = {
     f.__name__: f for f in (llama32_1b_pretrain, llama3_8b_pretrain, qwen3_8b_pretrain,
                             tiny_llama_pretrain, llama32_1b_finetune, llama3_8b_finetune,
                             qwen3_8b_finetune, qwen3_30b_a3b_finetune, tiny_llama_finetune,
                             llama32_1b_peft, llama3_8b_peft, qwen3_8b_peft, qwen3_30b_a3b_peft,
-                            tiny_llama_peft, tiny_llava_pretrain, tiny_llava_finetune)}
+                            tiny_llama_peft, tiny_llava_pretrain, tiny_llava_finetune,
+                            tiny_qwen25vl_pretrain)}
 
 
 def get(name: str) -> Callable[..., RunConfig]:

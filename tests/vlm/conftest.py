@@ -15,3 +15,14 @@ def llava(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
     make_llava(root / "hf")
     return root / "hf", make_dataset(root / "data")
+
+
+@pytest.fixture(scope="session")
+def qwen(tmp_path_factory):
+    """A tiny Qwen2.5-VL with its processor files and an image-text set: (hf dir,
+    data.jsonl)."""
+    from qwen_models import make_dataset, make_qwen
+
+    root = tmp_path_factory.mktemp("qwen25vl")
+    make_qwen(root / "hf")
+    return root / "hf", make_dataset(root / "data")
