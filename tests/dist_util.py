@@ -32,6 +32,20 @@ def user_env(**extra: str) -> dict:
     return {**env, **extra}
 
 
+def _clip(text: str, head: int, tail: int) -> str:
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters ...]\n{text[-tail:]}"
+
+
+def failure_text(proc) -> str:
+    """A failed launch's output for the assertion: stderr's start (where the first failing
+    rank's traceback usually is, before the other ranks' and the agent's) and end, then the
+    end of stdout."""
+    return (f"--- stderr ---\n{_clip(proc.stderr, 4000, 4000)}\n"
+            f"--- stdout (end) ---\n{proc.stdout[-2000:]}")
+
+
 def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600) -> list[dict]:
     """Launch ``script`` on ``nproc`` ranks; return the parsed ``RESULT`` lines, rank order.
     Fails the calling test with the full output if any rank fails."""
@@ -40,9 +54,8 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "--master-addr=127.0.0.1", str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{out[-6000:]}")
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{failure_text(proc)}")
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
                if line.startswith("RESULT ")]
     return sorted(results, key=lambda r: r.get("rank", 0))
@@ -71,8 +84,7 @@ def train_cli(*args: str, nproc: int = 1, cwd: str | Path | None = None, timeout
     proc = subprocess.run([*launcher, "-m", "mbridge.train", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"mbridge.train failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"mbridge.train failed ({proc.returncode}):\n{failure_text(proc)}")
     return proc
 
 
