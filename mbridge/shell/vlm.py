@@ -114,6 +114,22 @@ def modality_spec(vision: VisionSpec, text_hidden: int):
                                          params={"config": projector_cfg})]})
 
 
+def _replicated_over_tp(sharded: dict, prefix: str, tp_group) -> dict:
+    """The modality submodules' tensors as replicas over the tensor-parallel group: TP rank
+    ``r`` holds replica ``(0, r, dp)``. Megatron-Core 0.19's MimoModel builds them without a
+    TP group (``sharded_state_dict_default(..., tp_group=None)``), so every TP rank claimed
+    to be the main replica and ``dist_checkpointing.load`` refused the layout at TP=2
+    ("Invalid access pattern"); 0.16 numbers them already, and is left as it is."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    rank = tp_group.rank() if tp_group is not None else 0
+    for key, value in sharded.items():
+        if (key.startswith(prefix) and isinstance(value, ShardedTensor)
+                and isinstance(value.replica_id, tuple) and len(value.replica_id) == 3):
+            value.replica_id = (value.replica_id[0], rank, value.replica_id[2])
+    return sharded
+
+
 @functools.cache
 def _model_class():
     from megatron.core.models.mimo import MimoModel
@@ -128,6 +144,11 @@ def _model_class():
         @property
         def pg_collection(self):
             return self.language_model.pg_collection
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            return _replicated_over_tp(sharded, f"{prefix}modality_submodules.",
+                                       self.pg_collection.tp)
 
         @property
         def model_type(self):
