@@ -263,21 +263,30 @@ class MimoRuntime:
 
         device = dist.device()
         trainable_images = self.encoder_trainable and not forward_only
+        first_stage = lm.groups.rank.pp == 0  # only it reads the embeddings (the routes')
         leaves = []
         data = []
         for mb in micro_batches:
             samples = mb["_samples"]
             d = {k: v.to(device) for k, v in mb.items() if k not in ("_samples", "pixel_values")}
-            emb = torch.cat([received[s] for s in samples]).requires_grad_(trainable_images)
-            d["image_embeddings"] = emb
-            leaves.append((samples, emb))
+            if first_stage:
+                emb = torch.cat([received[s] for s in samples]).requires_grad_(trainable_images)
+                d["image_embeddings"] = emb
+                leaves.append((samples, emb))
             data.append(d)
+        pp = lm.cfg.pipeline_parallel
+        extra = {}
+        if pp > 1:  # Megatron-Core's 1F1B over the module's own pipeline group
+            from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+            extra["p2p_communicator"] = P2PCommunicator(pp_group=lm.groups.pp,
+                                                        config=lm.ddp.config)
         with cuda_as_cpu():
-            outputs = get_forward_backward_func(pp_size=lm.cfg.pipeline_parallel)(
+            outputs = get_forward_backward_func(pp_size=pp)(
                 forward_step_func=self._forward_step, data_iterator=iter(data),
                 model=lm.ddp, num_microbatches=len(data), seq_length=self.model_cfg.seq_length,
                 micro_batch_size=self.micro_batch_size, forward_only=forward_only,
-                pg_collection=lm.groups.collection)
+                pg_collection=lm.groups.collection, **extra)
         summed = torch.zeros(2, dtype=torch.float64, device=device)
         if lm.groups.rank.tp == 0:
             for out in outputs or []:
@@ -294,7 +303,7 @@ class MimoRuntime:
     def _forward_step(data_iterator, model):
         mb = next(data_iterator)
         output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
-                       image_embeddings=mb["image_embeddings"])
+                       image_embeddings=mb.get("image_embeddings"))
         return output, partial(_loss_func, mb["loss_mask"])
 
     def grad_stats(self) -> GradStats:

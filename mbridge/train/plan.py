@@ -166,10 +166,13 @@ def _finalize_mimo(cfg: RunConfig, spec: ModelSpec, world_size: int):
     _check(set(mimo.module_parallelisms) == {mimo.llm_module_name, "images"},
            f"model.module_parallelisms names modules {sorted(mimo.module_parallelisms)}; a "
            f"vision-language model has 'images' and {mimo.llm_module_name!r}")
-    if mimo.deployment_mode != "homogeneous":
-        _check(all(m.pipeline_parallel == 1 for m in mimo.module_parallelisms.values()),
-               f"{mimo.deployment_mode} mode with pipeline_parallel > 1 inside a module is not "
-               "supported yet; set every module's pipeline_parallel=1")
+    if mimo.deployment_mode != "homogeneous":  # colocated PP > 1: refused by finalize
+        for name in mimo.encoder_names:  # the tower runs whole on each of its ranks
+            _check(mimo.module_parallelisms[name].pipeline_parallel == 1,
+                   f"model.module_parallelisms.{name}.pipeline_parallel="
+                   f"{mimo.module_parallelisms[name].pipeline_parallel}: an encoder module "
+                   "is not pipelined (its tower runs whole on each of its ranks); set it to 1 "
+                   "(the language model may use pipeline_parallel > 1 in heterogeneous mode)")
         _check(cfg.model.context_parallel_size == 1,
                "model.context_parallel_size > 1 is not supported with MIMO layouts")
     return mimo
