@@ -28,7 +28,7 @@ import torch
 import torch.distributed as tdist
 
 from mbridge.io import safe_load
-from mbridge.io.hf import CheckpointError
+from mbridge.io.hf import INDEX, CheckpointError
 from mbridge.io.mcore import TRACKER, McoreReader, tracked_step
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.model import unwrap
@@ -37,6 +37,7 @@ from mbridge.train.state import Progress
 
 OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 ADAPTER = ".adapter."  # in the names of LoRA/DoRA tensors (shell/adapters.py)
+MIMO_STATE = "mimo_state"  # a MIMO checkpoint's progress and per-rank state (mimo_checkpoint)
 
 
 def latest(directory: str | os.PathLike) -> Path | None:
@@ -77,10 +78,25 @@ def check_save_target(save: str | os.PathLike | None, resume: Path | None) -> No
         f"set checkpoint.load={save}, or give checkpoint.save an empty directory")
 
 
+def is_module_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a MIMO run's checkpoint (an HF directory with ``MIMO_STATE/``:
+    ``shell.mimo_checkpoint``) rather than a distributed checkpoint."""
+    return (Path(path) / MIMO_STATE / "progress.json").is_file()
+
+
 def check_readable(path: Path) -> None:
-    """The files of a Megatron-Core dist checkpoint are there and its metadata parses."""
+    """The files of a Megatron-Core dist checkpoint (or of a MIMO checkpoint) are there and
+    its metadata parses."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if is_module_checkpoint(path):
+        for name in (f"{MIMO_STATE}/progress.json", INDEX):
+            try:
+                json.loads((path / name).read_text())
+            except Exception as e:
+                raise CheckpointError(f"checkpoint {path} is incomplete or unreadable: "
+                                      f"{name}: {e}") from None
+        return
     for name in ("metadata.json", ".metadata"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete or unreadable: no {name}")
@@ -110,7 +126,8 @@ def common_state(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This rank's CPU (and CUDA) generators and Megatron-Core's tracker states."""
     from megatron.core import tensor_parallel
 
     state = {"cpu": torch.get_rng_state(),
@@ -120,7 +137,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["cpu"])
@@ -146,7 +164,7 @@ def sharded_state_dict(runtime, *, loading: bool, optim: bool = True, rng: bool 
                 model_sd, is_loading=loading, metadata=OPTIM_FORMAT)
     if rng:
         rank, world = tdist.get_rank(), tdist.get_world_size()
-        state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
+        state["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,),
                                            replica_id=0)
     return state
 
@@ -221,7 +239,7 @@ def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_tracker(root, progress.step)
+        write_tracker(root, progress.step)
         for step in cadence.to_delete(cadence.checkpoint_steps(
                 p.name for p in root.iterdir() if p.is_dir()), keep, current=progress.step):
             shutil.rmtree(root / cadence.checkpoint_name(step), ignore_errors=True)
@@ -229,7 +247,8 @@ def save(root: str | os.PathLike, runtime, progress: Progress, run_config: dict,
     return final
 
 
-def _write_tracker(root: Path, step: int) -> None:
+def write_tracker(root: Path, step: int) -> None:
+    """Name ``step`` the newest complete checkpoint under ``root`` (atomically)."""
     tmp = root / f".{TRACKER}.tmp"
     tmp.write_text(f"{step}\n")
     os.replace(tmp, root / TRACKER)
@@ -277,7 +296,7 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True,
                               f"{first[:300]} (damaged or incomplete); restore it, or set "
                               "checkpoint.load to another checkpoint directory") from None
     if rng:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     return msgspec.convert(loaded["progress"], Progress)
 
 

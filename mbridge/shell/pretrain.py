@@ -25,7 +25,7 @@ import torch.distributed as tdist
 from mbridge import config as mconfig
 from mbridge.io.hf import CheckpointError
 from mbridge.io.mcore import HF_DIR
-from mbridge.shell import checkpoint, data, dist, image_text, sft, weights
+from mbridge.shell import checkpoint, data, dist, image_text, mimo_checkpoint, sft, weights
 from mbridge.shell.logger import TrainLogger, check_wandb
 from mbridge.specs import ParallelSpec
 from mbridge.train import cadence
@@ -154,6 +154,9 @@ def check(cfg: RunConfig, world: int | None = None) -> Checked:
     if cfg.data.dataset_root is not None:
         sft.check_root(cfg)
     resume = _resume_path(cfg)
+    own = plan.mimo if plan.mimo is not None and plan.mimo.deployment_mode != "homogeneous" \
+        else None
+    mimo_checkpoint.check_resume(resume, own, load_optim=cfg.checkpoint.load_optim)
     checkpoint.check_save_target(cfg.checkpoint.save, resume)
     return Checked(model, plan, resume)
 
@@ -242,6 +245,8 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     if modules:
         from mbridge.shell.mimo import MimoRuntime
 
+        if resume is not None:  # the checkpoint's weights (HF files: any layout)
+            source = mimo_checkpoint.open_weights(resume)
         runtime = MimoRuntime(spec, plan, model=cfg.model, optimizer=cfg.optimizer,
                               ddp=cfg.parallel, mixed_precision=cfg.mixed_precision,
                               micro_batch_size=cfg.train.micro_batch_size, weights=source,
@@ -255,8 +260,12 @@ def pretrain(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None
     state = TrainState(seed=cfg.rng.seed, model=runtime.model, optimizer=runtime.optimizer)
     if resume is not None:
         c = cfg.checkpoint
-        state = state.with_progress(checkpoint.load(resume, runtime, optim=c.load_optim,
-                                                    rng=c.load_rng, adapters_only=adapters_only))
+        if modules:
+            progress = mimo_checkpoint.load(resume, runtime, optim=c.load_optim, rng=c.load_rng)
+        else:
+            progress = checkpoint.load(resume, runtime, optim=c.load_optim, rng=c.load_rng,
+                                       adapters_only=adapters_only)
+        state = state.with_progress(progress)
     train_ds, valid_ds = datasets[:2] if datasets else data.build(cfg, spec.vocab_size)
     dp_rank = groups.dp_rank
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -302,11 +311,6 @@ def _own_module_layouts(cfg: RunConfig, plan: RunPlan, peft, forward_step) -> bo
     if plan.mimo is None or plan.mimo.deployment_mode == "homogeneous":
         return False
     mode = f"model.deployment_mode={plan.mimo.deployment_mode}"
-    c = cfg.checkpoint
-    if c.load is not None:
-        raise ConfigError(f"{mode} cannot resume from checkpoint.load yet (its checkpoints "
-                          "hold weights only: start from one with "
-                          "checkpoint.pretrained_checkpoint=DIR)")
     if peft is not None or forward_step is not None:
         raise ConfigError(f"{mode} does not support peft or a custom forward_step yet")
     return True
@@ -338,26 +342,13 @@ def _save(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json, h
 
 def _save_modules(cfg: RunConfig, runtime, state: TrainState, *, hf_config, spec_json,
                   hf_source, adapters_only=False):
-    """A MIMO run's checkpoint: the trained model as an HF directory
-    ``{checkpoint.save}/iter_{step}``, one safetensors file per module, each written by that
-    module's ranks (``MimoRuntime.save_hf``); weights only (no optimizer state or progress),
-    loadable at any layout through checkpoint.pretrained_checkpoint."""
-    import shutil
-
-    root = Path(cfg.checkpoint.save)
-    final = root / cadence.checkpoint_name(state.step)
-    tmp = root / f".{final.name}.partial"
-    if tdist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    tdist.barrier()
-    runtime.save_hf(tmp, hf_config=hf_config, hf_source=hf_source)
-    if tdist.get_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    tdist.barrier()
-    return final
+    """A MIMO run's checkpoint ``{checkpoint.save}/iter_{step}``: the model as an HF
+    directory, one safetensors file per module, and each rank's optimizer and RNG state with
+    the progress (``shell.mimo_checkpoint``): ``checkpoint.load`` resumes it exactly,
+    ``checkpoint.pretrained_checkpoint`` starts from its weights at any layout."""
+    return mimo_checkpoint.save(cfg.checkpoint.save, runtime, state.progress(),
+                                hf_config=hf_config, hf_source=hf_source,
+                                keep=cfg.checkpoint.most_recent_k)
 
 
 def finetune(cfg: RunConfig, *, on_step: Callable[[Metrics], None] | None = None,
