@@ -10,10 +10,18 @@ against the one-rank run of the same recipe:
   (both ranks need every embedding); fan-out: vision TP=2 DP=1, language TP=1 DP=2 (with
   evaluation, which the same plan feeds).
 
+At four ranks: homogeneous TP=2 x DP=2; colocated fan-in (images TP=1 DP=4, language TP=2
+DP=2) and fan-out (images TP=2 DP=2, language TP=1 DP=4); heterogeneous with the images on
+ranks 0-1 (DP=2) and the language model on ranks 2-3 at TP=2 and at PP=2 (Megatron-Core's
+1F1B over the module's pipeline group: embeddings into its first stage, their gradients
+back from it, the loss on its last stage).
+
 Every step's loss equals the one-rank run's within 1e-5 relative (fp32: tensor-parallel sums
 and batched image encodings reorder float32 adds; seen: 4e-8), and so does the gradient norm
 over all modules together (1e-5). The unfrozen tower's losses differ from the frozen one's
-after the first update: its gradients reach it.
+after the first update: its gradients reach it. A colocated run stopped by
+``train.exit_interval`` and resumed (``checkpoint.load``) gives the straight run's losses
+bit for bit.
 """
 
 from __future__ import annotations
@@ -88,14 +96,25 @@ def assert_same(got, want):
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def fan_in_unfrozen(work, tmp_path_factory) -> Path:
+    """The output directory of a two-rank colocated fan-in run, tower training."""
+    d = tmp_path_factory.mktemp("fan_in_unfrozen")
+    finetune(work, d, *FAN_IN, *UNFROZEN, nproc=2)
+    return d
+
+
 @pytest.mark.parametrize("case", ["homogeneous", "heterogeneous", "heterogeneous unfrozen",
                                   "colocated fan-in", "colocated fan-in unfrozen",
                                   "colocated fan-out"])
-def test_two_ranks_give_one_rank_losses(case, work, one_rank, tmp_path):
+def test_two_ranks_give_one_rank_losses(case, work, one_rank, tmp_path, request):
     layout = {"homogeneous": HOMOGENEOUS, "heterogeneous": HETERO, "colocated fan-in": FAN_IN,
               "colocated fan-out": (*FAN_OUT, *EVAL)}[case.removesuffix(" unfrozen")]
     unfrozen = case.endswith("unfrozen")
-    finetune(work, tmp_path, *layout, *(UNFROZEN if unfrozen else ()), nproc=2)
+    if case == "colocated fan-in unfrozen":  # the resume test's straight run
+        tmp_path = request.getfixturevalue("fan_in_unfrozen")
+    else:
+        finetune(work, tmp_path, *layout, *(UNFROZEN if unfrozen else ()), nproc=2)
     got = metrics(tmp_path)
     assert_same(got, one_rank["unfrozen" if unfrozen else "frozen"])
     assert [s for s, _ in logged_losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
@@ -110,6 +129,88 @@ def test_unfrozen_tower_trains(one_rank):
     assert [f[0] for f in frozen[:2]] == [u[0] for u in unfrozen[:2]]  # lr 0 at step 1
     assert unfrozen[0][1] > frozen[0][1]  # the tower's gradients add to the norm
     assert abs(frozen[2][0] - unfrozen[2][0]) > 1e-4
+
+
+M = "model.module_parallelisms"
+FOUR = {  # four ranks (gloo), each against the one-rank run of the same recipe settings
+    "homogeneous tp2 dp2": ("model.deployment_mode=homogeneous", f"{M}.images.tensor_parallel=2",
+                            f"{M}.images.data_parallel=2", f"{M}.language.tensor_parallel=2",
+                            f"{M}.language.data_parallel=2"),
+    # images TP=1 DP=4 into language TP=2 DP=2
+    "colocated fan-in": ("model.deployment_mode=colocated", f"{M}.images.data_parallel=4",
+                         f"{M}.language.tensor_parallel=2", f"{M}.language.data_parallel=2"),
+    # images TP=2 DP=2 out to language TP=1 DP=4: one sample per language replica
+    "colocated fan-out": ("model.deployment_mode=colocated", f"{M}.images.tensor_parallel=2",
+                          f"{M}.images.data_parallel=2", f"{M}.language.data_parallel=4",
+                          "train.micro_batch_size=1"),
+    # images on ranks 0-1 (DP=2), language on ranks 2-3
+    "heterogeneous language tp2": (*HETERO[:2], f"{M}.images.data_parallel=2",
+                                   f"{M}.language.rank_offset=2",
+                                   f"{M}.language.tensor_parallel=2"),
+    "heterogeneous language pp2": (*HETERO[:2], f"{M}.images.data_parallel=2",
+                                   f"{M}.language.rank_offset=2",
+                                   f"{M}.language.pipeline_parallel=2", *EVAL),
+}
+
+
+@pytest.fixture(scope="module")
+def one_rank_micro_1(work, tmp_path_factory):
+    """The one-rank run with train.micro_batch_size=1 (the fan-out runs' setting)."""
+    d = tmp_path_factory.mktemp("ref_micro_1")
+    finetune(work, d, "train.micro_batch_size=1")
+    return metrics(d)
+
+
+@pytest.mark.parametrize("case", sorted(FOUR))
+def test_four_ranks_give_one_rank_losses(case, work, one_rank, one_rank_micro_1, tmp_path):
+    """torchrun --nproc-per-node 4: per-step losses and gradient norms equal the one-rank
+    run's within 1e-5 relative (fp32 sums in another order); the language model's pipeline
+    (PP=2, heterogeneous) also gives the one-rank validation losses."""
+    finetune(work, tmp_path, *FOUR[case], nproc=4)
+    want = one_rank_micro_1 if "fan-out" in case else one_rank["frozen"]
+    assert_same(metrics(tmp_path), want)
+    assert [s for s, _ in logged_losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    if "pp2" in case:
+        got, want = validation(tmp_path), one_rank["validation"]
+        assert [s for s, _ in got] == [s for s, _ in want] == [3, 6]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
+
+
+def test_colocated_resume_is_exact(work, fan_in_unfrozen, tmp_path, monkeypatch, capsys):
+    """A colocated run (fan-in, tower training: both modules have optimizer state on both
+    ranks) stopped by train.exit_interval=3 and resumed by a new launch with checkpoint.load
+    gives the straight run's steps 4-6 bit for bit (losses and gradient norms); resuming at
+    another layout is refused before anything is built, unless checkpoint.load_optim=false
+    (weights and progress only: step 4 is the straight run's, the fresh Adam state then
+    departs from it)."""
+    from mbridge.train.__main__ import main
+
+    hf_dir, data = work
+    layout, ckpt = (*FAN_IN, *UNFROZEN), tmp_path / "ckpt"
+    finetune(work, tmp_path / "first", *layout, f"checkpoint.save={ckpt}",
+             "train.exit_interval=3", nproc=2)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3\n"
+    shutil.copytree(ckpt, tmp_path / "at_3")
+    proc = finetune(work, tmp_path / "resumed", *layout, f"checkpoint.save={ckpt}",
+                    f"checkpoint.load={ckpt}", nproc=2)
+    assert f"resumed from {ckpt / 'iter_0000003'} at step 3" in proc.stdout
+    straight = metrics(fan_in_unfrozen)  # launched alone
+    assert metrics(tmp_path / "first") == straight[:3]
+    assert metrics(tmp_path / "resumed") == straight[3:]  # exact: == on the floats
+    assert [s for s, _ in logged_losses(tmp_path / "resumed")] == [4, 5, 6]
+    common = ["--recipe", "tiny_llava_finetune", f"checkpoint.pretrained_checkpoint={hf_dir}",
+              f"data.dataset_root={data}", f"checkpoint.load={tmp_path / 'at_3'}", *UNFROZEN]
+    for world, extra, message in (
+            ("2", FAN_OUT, "its optimizer state is per rank: resume at the saved"),
+            ("1", (), "holds a MIMO checkpoint")):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert main([*common, *extra, "--print-config"]) == 2
+        assert message in capsys.readouterr().err
+    finetune(work, tmp_path / "weights_only", *FAN_OUT, *UNFROZEN,
+             f"checkpoint.load={tmp_path / 'at_3'}", "checkpoint.load_optim=false", nproc=2)
+    got = metrics(tmp_path / "weights_only")
+    assert got[0] == pytest.approx(straight[3], rel=1e-5)
+    assert abs(got[1][0] - straight[4][0]) > 1e-4
 
 
 @pytest.mark.parametrize("extra, message", [
