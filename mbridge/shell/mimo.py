@@ -13,11 +13,16 @@ A step, as the pure routes of ``mbridge.train.mimo`` say:
 2. each sample's embedding goes to the language-model ranks that read it (send/recv of
    contiguous tensors; a copy when both sides are one rank);
 3. the language model runs forward and backward through Megatron-Core's schedule
-   (per-token loss: its gradients come out divided by the global batch's token count);
+   (per-token loss: its gradients come out divided by the global batch's token count); with
+   PP > 1 (heterogeneous) 1F1B over its own pipeline group, the embeddings into its first
+   stage, the loss on its last;
 4. each embedding's gradient goes back; the encoder runs backward, its gradients are summed
    over its own DP group and divided by the same token count;
 5. the gradient norm is taken over every module together, and one clipped update steps
    every module's optimizer.
+
+Checkpoints (``save_hf`` and ``shell.mimo_checkpoint``): HF files per module, plus each
+rank's optimizer and RNG state for ``checkpoint.load``.
 
     torchrun --nproc-per-node 2 -m mbridge.train --recipe tiny_llava_finetune \\
         model.deployment_mode=heterogeneous model.module_parallelisms.language.rank_offset=1 ...

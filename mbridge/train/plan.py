@@ -175,4 +175,12 @@ def _finalize_mimo(cfg: RunConfig, spec: ModelSpec, world_size: int):
                    "(the language model may use pipeline_parallel > 1 in heterogeneous mode)")
         _check(cfg.model.context_parallel_size == 1,
                "model.context_parallel_size > 1 is not supported with MIMO layouts")
+        _check(cfg.model.virtual_pipeline_model_parallel_size is None,
+               "model.virtual_pipeline_model_parallel_size (interleaved stages) is not "
+               "supported with MIMO layouts yet; leave it null")
+        lm = mimo.module_parallelisms[mimo.llm_module_name]
+        _check(lm.pipeline_parallel == 1 or cfg.data.sft.pad_to_multiple_of is None,
+               f"data.sft.pad_to_multiple_of needs model.module_parallelisms."
+               f"{mimo.llm_module_name}.pipeline_parallel=1 (pipeline stages exchange "
+               "activations of model.seq_length); leave it null")
     return mimo

@@ -35,6 +35,13 @@ COLOCATED = ("model.deployment_mode=colocated",)
      "model.module_parallelisms.images.pipeline_parallel=2: an encoder module is not "
      "pipelined"),
     (4, (*HETERO, f"{M}.images.data_parallel=2", f"{M}.language.rank_offset=2",
+         f"{M}.language.pipeline_parallel=2", "model.virtual_pipeline_model_parallel_size=2"),
+     "model.virtual_pipeline_model_parallel_size (interleaved stages) is not supported with "
+     "MIMO layouts yet"),
+    (4, (*HETERO, f"{M}.images.data_parallel=2", f"{M}.language.rank_offset=2",
+         f"{M}.language.pipeline_parallel=2", "data.sft.pad_to_multiple_of=8"),
+     "data.sft.pad_to_multiple_of needs model.module_parallelisms.language.pipeline_parallel=1"),
+    (4, (*HETERO, f"{M}.images.data_parallel=2", f"{M}.language.rank_offset=2",
          f"{M}.language.pipeline_parallel=2", "model.tensor_model_parallel_size=2"),
      "leave model.tensor_model_parallel_size and pipeline_model_parallel_size at 1"),
     (2, (*COLOCATED, f"{M}.images.data_parallel=2", f"{M}.language.data_parallel=2",
