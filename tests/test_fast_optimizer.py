@@ -69,3 +69,86 @@ def test_foreach_scale_is_megatrons_scale():
         cpu_shim.foreach_scale(0, None, [srcs, dsts], scale)  # fp32 main -> bf16 model
         mutils.local_multi_tensor_scale(0, None, [srcs, refs], scale)
         assert all(torch.equal(a, b) for a, b in zip(dsts, refs))
+
+
+def _no_fallback(_):
+    raise AssertionError("the deferred step fell back to Megatron-Core's")
+
+
+def _trained_copy(clip_grad: float, deferred: bool, chained: bool = False):
+    """A tiny fp32 model with a distributed optimizer after one step on fixed data; the
+    same initial weights every call. Returns (parameters, main shards, step's return)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    provider = GPTModelProvider(spec=SPEC, params_dtype="float32")
+    provider.finalize()
+    model = provider.provide_distributed_model(
+        wrap_with_ddp=True, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    with cpu_shim.cuda_as_cpu():
+        opt = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=1e-2, use_distributed_optimizer=True, clip_grad=clip_grad,
+            params_dtype=torch.float32), model)
+    ids = torch.randint(0, SPEC.vocab_size, (2, 16), generator=g)
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    with cpu_shim.cuda_as_cpu():
+        model[0].zero_grad_buffer()
+        opt.zero_grad()
+        model[0](ids, pos, attention_mask=None, labels=ids).float().sum().backward()
+        model[0].finish_grad_sync()
+        target, name = (opt, "chained_step") if chained else (opt.chained_optimizers[0], "step")
+        if deferred:  # and never falling back to Megatron-Core's own step
+            fallback = getattr(fast_optimizer, f"original_{name}")
+            setattr(fast_optimizer, f"original_{name}", _no_fallback)
+            try:
+                out = getattr(fast_optimizer, f"deferred_{name}")(target)
+            finally:
+                setattr(fast_optimizer, f"original_{name}", fallback)
+        else:
+            out = getattr(fast_optimizer, f"original_{name}")(target)
+    params = [p.detach().clone() for p in model[0].parameters()]
+    return params, out
+
+
+def test_deferred_step_is_megatrons_step():
+    """The step with its norm read at the end returns the same norm and leaves the same
+    bits as Megatron-Core's, with clipping biting (coefficient below 1) and not, for the
+    mixed-precision optimizer and the chained one ``get_megatron_optimizer`` returns."""
+    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+
+    fast_optimizer.install()
+    assert MixedPrecisionOptimizer.step is not fast_optimizer.original_step
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    assert ChainedOptimizer.step is not fast_optimizer.original_chained_step
+    for clip, chained in ((1e-3, False), (1e6, False), (1e-3, True), (1e6, True)):
+        ours, (ok, norm, zeros) = _trained_copy(clip, deferred=True, chained=chained)
+        ref, (ok_ref, norm_ref, zeros_ref) = _trained_copy(clip, deferred=False, chained=chained)
+        assert (ok, zeros) == (ok_ref, zeros_ref) == (True, None if chained else 0)
+        assert isinstance(norm, float) and norm == norm_ref > 0
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+    # the two clips moved the weights differently: clipping took effect in the first
+    small, _ = _trained_copy(1e-3, deferred=True)
+    large, _ = _trained_copy(1e6, deferred=True)
+    assert any(not torch.equal(a, b) for a, b in zip(small, large, strict=True))
+
+
+def test_clip_on_device_matches_the_host_rule():
+    g = torch.Generator().manual_seed(1)
+    for norm in (0.5, 3.0, 1e-9, float("inf")):
+        grads = [torch.randn(5, generator=g), torch.randn(3, 2, generator=g)]
+        ref = [t.clone() for t in grads]
+        sq = torch.tensor([norm], dtype=torch.float32) ** 2
+        fast_optimizer.clip_on_device(grads, sq, 1.0)
+        coeff = 1.0 / (sq.item() ** 0.5 + 1e-6)  # clip_grad_by_total_norm_fp32's rule
+        if coeff < 1.0:
+            torch._foreach_mul_(ref, coeff)
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref, strict=True))
+    grads = [torch.ones(3)]
+    fast_optimizer.clip_on_device(grads, torch.tensor([float("nan")]), 1.0)
+    assert torch.equal(grads[0], torch.ones(3))  # NaN coefficient: not < 1, left alone
