@@ -111,6 +111,7 @@ def plan_run(cfg: RunConfig, spec: ModelSpec, world_size: int) -> RunPlan:
     """Check ``cfg`` for ``spec`` on ``world_size`` ranks and derive the run's plan."""
     check_sections(cfg)
     parallel = parallel_spec(cfg)
+    mimo = _finalize_mimo(cfg, spec, world_size)  # first: its errors name the module keys
     try:
         check_model_fits(spec, parallel)
         stage_layer_counts(spec.num_layers, parallel)
@@ -120,7 +121,6 @@ def plan_run(cfg: RunConfig, spec: ModelSpec, world_size: int) -> RunPlan:
            f"model.seq_length={cfg.model.seq_length} is longer than the model's "
            f"max_position_embeddings={spec.max_position_embeddings}; lower model.seq_length")
     model_parallel = parallel.tp * parallel.pp * parallel.cp
-    mimo = _finalize_mimo(cfg, spec, world_size)
     if mimo is not None and mimo.deployment_mode != "homogeneous":
         lm = mimo.module_parallelisms[mimo.llm_module_name]
         world_size = lm.size * parallel.cp  # the language model's share of the world

@@ -28,7 +28,7 @@ COLOCATED = ("model.deployment_mode=colocated",)
      "global batch size 3 is not divisible by module 'images''s data_parallel=2"),
     (3, (*COLOCATED, f"{M}.images.data_parallel=3", f"{M}.language.tensor_parallel=3",
          "train.global_batch_size=3", "train.micro_batch_size=1"),
-     "not divisible by tensor parallel size 3"),
+     "module 'language' has 4 attention heads, not divisible by its tensor_parallel=3"),
     (2, (*COLOCATED, f"{M}.images.data_parallel=2", f"{M}.language.pipeline_parallel=2"),
      "colocated mode needs pipeline_parallel=1 for every module"),
     (3, (*HETERO, f"{M}.images.pipeline_parallel=2", f"{M}.language.rank_offset=2"),
