@@ -171,7 +171,8 @@ def make_step(model, opt, seq: int, device: str):
         mb = next(data_iterator)
         extra = {}
         if "cu_seqlens" in mb:
-            extra["packed_seq_params"] = packed_seq_params(mb["cu_seqlens"])
+            extra["packed_seq_params"] = packed_seq_params(mb["cu_seqlens"],
+                                                           device=mb["tokens"].device)
         out = chunk(mb["tokens"], mb["position_ids"], None, labels=mb["labels"], **extra)
 
         def loss_func(per_token):
@@ -183,7 +184,8 @@ def make_step(model, opt, seq: int, device: str):
         return out, loss_func
 
     def step(batch):
-        batch = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in batch]
+        batch = [{k: v if k == "cu_seqlens" else v.to(device, non_blocking=True)
+                  for k, v in mb.items()} for mb in batch]
         for chunk in model:
             chunk.zero_grad_buffer()
         opt.zero_grad()
@@ -236,9 +238,10 @@ def main() -> None:
     p.add_argument("--variants", default="packed,padded",
                    help="packed|padded, each with options joined by _ (ce, compile, "
                         "compilemlp, x2, x4), e.g. packed_ce_compile_x2,padded_ce")
-    p.add_argument("--packed-attention", choices=["auto", "flex", "sdpa"], default="auto",
-                   help="without TE, packed rows attend through FlexAttention's document "
-                        "mask (auto on CUDA) or SDPA with a dense block-diagonal mask")
+    p.add_argument("--packed-attention", choices=["auto", "varlen", "flex", "sdpa"], default="auto",
+                   help="without TE, packed rows attend through torch's varlen flash "
+                        "attention (auto on CUDA where torch has it), FlexAttention's "
+                        "document mask, or SDPA with a dense block-diagonal mask")
     p.add_argument("--json", default=None, help="also write results here")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing: a CUDA profile of 3 steps of the first variant")

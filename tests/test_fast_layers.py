@@ -74,6 +74,11 @@ def test_thd_rope_is_megatrons_bit_for_bit():
     cu = torch.tensor([0, 5, 6, 19, 30, 37], dtype=torch.int32)  # a 1-token document included
     assert fast_layers.thd_positions(cu, 37).tolist() == \
         [*range(5), 0, *range(13), *range(11), *range(7)]
+    # Megatron-Core passes the latent-attention flag by keyword, named by its release
+    import inspect
+
+    mla = ("mla_rotary_interleaved" if "mla_rotary_interleaved"
+           in inspect.signature(original).parameters else "multi_latent_attention")
     for interleaved in (False, True):
         for n_freqs in (16, 37):  # max document length (case 2) / every position (case 1)
             t = torch.randn(37, 4, 8, generator=gen)
@@ -81,8 +86,15 @@ def test_thd_rope_is_megatrons_bit_for_bit():
             outs = []
             for fn in (original, mine):
                 x = t.clone().requires_grad_()
-                y = fn(x, cu, freqs, rotary_interleaved=interleaved, cp_group=cp)
+                y = fn(x, cu, freqs, rotary_interleaved=interleaved, cp_group=cp,
+                       **{mla: False})
                 (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
                 outs.append((y.detach(), x.grad))
             assert torch.equal(outs[0][0], outs[1][0]), (interleaved, n_freqs)
             assert torch.equal(outs[0][1], outs[1][1]), (interleaved, n_freqs)
+            # boundaries padded with empty documents (packed_seq_params without TE): the same
+            padded = torch.cat([cu, cu[-1:].expand(3)])
+            x = t.clone().requires_grad_()
+            y = mine(x, padded, freqs, rotary_interleaved=interleaved, cp_group=cp)
+            (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+            assert torch.equal(y.detach(), outs[0][0]) and torch.equal(x.grad, outs[0][1])

@@ -32,22 +32,33 @@ class SDPAttention(DotProductAttention):
         mask, causal = self._mask(attention_mask, sq, sk, q.device)
         return self._attend(q, k, v, mask, causal)
 
-    @torch.compiler.disable  # a compiled layer calls out here (FlexAttention compiles itself)
     def _packed(self, query, key, value, packed):
         """Packed documents (Megatron-Core's ``thd`` layout: ``[t, np, hn]`` q and
         ``[t, ng, hn]`` k/v, boundaries in ``packed.cu_seqlens_q``): causal attention inside
-        each document through a block-diagonal mask, ``[t, np * hn]`` out. Megatron-Core's
-        local attention refuses packed input; TE's has a kernel, this is the CPU path."""
+        each document, ``[t, np * hn]`` out. Megatron-Core's local attention refuses packed
+        input; TE's has a kernel. Here: torch's varlen flash attention on CUDA (one op a
+        compiled layer keeps in its graph), else FlexAttention's document mask or SDPA with
+        a block-diagonal mask (the CPU path)."""
         if packed.qkv_format != "thd":
             raise ValueError(f"packed sequences in {packed.qkv_format!r} layout; only 'thd'")
+        window = self.scale_mask_softmax.window_size
+        left = None if window is None else window[0]
+        if packed_kernel(query) == "varlen":
+            t = query.shape[0]
+            cu = packed.cu_seqlens_q.to(query.device)
+            out = varlen_document_attention(query, key, value, cu, scale=self.softmax_scale,
+                                            left=left)
+            return out.reshape(t, self.hidden_size_per_partition)
+        return self._packed_masked(query, key, value, packed, left)
+
+    @torch.compiler.disable  # a compiled layer calls out here (FlexAttention compiles itself)
+    def _packed_masked(self, query, key, value, packed, left):
         t = query.shape[0]
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
         bounds = packed.cu_seqlens_q.to(query.device).long()
         # output_size: no device-to-host sync to size the result (one per layer otherwise)
         doc = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=query.device),
                                       bounds[1:] - bounds[:-1], output_size=t)
-        window = self.scale_mask_softmax.window_size
-        left = None if window is None else window[0]
         if packed_kernel(query) == "flex":
             out = flex_document_attention(q, k, v, doc, scale=self.softmax_scale, left=left,
                                           compiled=query.is_cuda, key=packed.cu_seqlens_q)
@@ -78,13 +89,59 @@ class SDPAttention(DotProductAttention):
         return None, sq > 1
 
 
-PACKED_KERNEL = "auto"  # packed documents: "auto" (flex on CUDA, else sdpa), "flex", "sdpa"
+PACKED_KERNEL = "auto"  # packed documents: "auto" (flex on CUDA, sdpa on CPU), "varlen",
+# "flex", "sdpa"
+
+
+_VARLEN: tuple | None = None  # (varlen_attn or None, its mask keyword), resolved once
+
+
+def resolve_varlen() -> tuple:
+    """torch's ``varlen_attn`` (flash attention over ``cu_seqlens``) and how it takes a causal
+    mask (``"window_size"`` or ``"is_causal"``), or ``(None, None)`` where this torch lacks
+    it. Resolved outside any compiled region (``packed_seq_params`` calls it first)."""
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+            names = set(inspect.signature(varlen_attn).parameters)
+        except ImportError:
+            names = set()
+        mode = "window_size" if "window_size" in names else \
+            "is_causal" if "is_causal" in names else None
+        _VARLEN = (varlen_attn, mode) if mode and {"scale", "enable_gqa"} <= names \
+            else (None, None)
+    return _VARLEN
 
 
 def packed_kernel(x: torch.Tensor) -> str:
     if PACKED_KERNEL == "auto":
         return "flex" if x.is_cuda else "sdpa"
     return PACKED_KERNEL
+
+
+def varlen_document_attention(q, k, v, cu_seqlens, *, scale, left=None):
+    """Causal attention inside each document of a packed ``[t, heads, hn]`` row (documents
+    end at ``cu_seqlens``, int32 on q's device; empty documents allowed), ``left`` tokens
+    back when given, through torch's varlen flash attention: ``[t, heads, hn]`` out. The
+    longest document is bounded by ``t`` (a static bound, so a compiled layer keeps one
+    graph; the kernel skips the empty blocks)."""
+    fn, mode = resolve_varlen()
+    if fn is None:
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not in this torch "
+                           f"({torch.__version__}); use the 'flex' or 'sdpa' packed kernel")
+    t = q.shape[0]
+    if mode == "window_size":
+        mask = dict(window_size=(-1 if left is None else left, 0))
+    elif left is None:
+        mask = dict(is_causal=True)
+    else:
+        raise NotImplementedError("a sliding window needs varlen_attn's window_size "
+                                  f"(torch {torch.__version__} lacks it); use 'flex'")
+    return fn(q, k, v, cu_seqlens, cu_seqlens, t, t, scale=scale,
+              enable_gqa=q.shape[1] != k.shape[1], **mask)
 
 
 def document_mask(doc: torch.Tensor, left: int | None = None) -> torch.Tensor:
@@ -193,27 +250,26 @@ def thd_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return at - cu[doc]
 
 
-def _thd_rope(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
-              mscale=1.0, cp_group=None):
+def _thd_rope(t, cu_seqlens, freqs, *args, cp_group=None, **kwargs):
     """Megatron-Core's unfused ``thd`` rope (``rope_utils._apply_rotary_pos_emb_thd``) for a
     context-parallel size of 1, with the per-document frequencies gathered by position in
     one indexing op instead of a split, a Python loop and two ``.tolist()``/``bool`` syncs
     per call (two calls per layer, each draining the GPU queue). The same elementwise math
-    on the same values: bit-identical. Other context-parallel sizes go to the original."""
+    on the same values: bit-identical. Other context-parallel sizes, and positional
+    options (Megatron-Core passes them by keyword), go to the original. ``kwargs`` are passed
+    on to the ``bshd`` rope as the installed release names them (0.16:
+    ``multi_latent_attention``; 0.19: ``mla_rotary_interleaved``)."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    if cp_group is None or cp_group.size() != 1:
-        return _ORIGINAL_THD_ROPE(t, cu_seqlens, freqs, rotary_interleaved,
-                                  multi_latent_attention, mscale, cp_group)
+    if args or cp_group is None or cp_group.size() != 1:
+        return _ORIGINAL_THD_ROPE(t, cu_seqlens, freqs, *args, cp_group=cp_group, **kwargs)
     if freqs.shape[0] == t.shape[0]:
         # Megatron-Core's case 1 (freqs hold every packed position; with one context-parallel
         # rank the documents tile t, so cu_seqlens[-1] == t): the slices, joined, are freqs
         packed = freqs
     else:  # case 2: every document starts at position 0
         packed = freqs[thd_positions(cu_seqlens.to(t.device), t.shape[0])]
-    return rope_utils._apply_rotary_pos_emb_bshd(
-        t.unsqueeze(1), packed, rotary_interleaved=rotary_interleaved,
-        multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+    return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), packed, **kwargs).squeeze(1)
 
 
 _ORIGINAL_THD_ROPE = None
@@ -224,6 +280,8 @@ def install_thd_rope() -> None:
     by ``shell.forward.packed_seq_params``, i.e. whenever mbridge runs packed rows."""
     global _ORIGINAL_THD_ROPE
     from megatron.core.models.common.embeddings import rope_utils
+
+    resolve_varlen()  # here, outside any compiled layer
 
     if _ORIGINAL_THD_ROPE is None:
         _ORIGINAL_THD_ROPE = rope_utils._apply_rotary_pos_emb_thd

@@ -73,15 +73,29 @@ def _gather_vocab(local: torch.Tensor, tp: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None):
+def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None, device=None):
     """Megatron-Core's ``PackedSeqParams`` (``thd``) for one packed row whose documents end
-    at ``cu_seqlens`` ``[documents + 1]``: rope restarts and attention stays inside each."""
+    at ``cu_seqlens`` ``[documents + 1]``: rope restarts and attention stays inside each.
+    Give ``cu_seqlens`` on the host and the model's ``device``: the longest document is then
+    read there, with no device-to-host sync (one per micro-batch otherwise, which drains the
+    GPU's queue). Without Transformer Engine the boundaries are padded with zero-length
+    documents to a multiple of 32 entries, so a compiled layer sees one shape for most rows
+    (the shell's kernels and rope treat an empty document as nothing)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from mbridge.shell.fast_layers import install_thd_rope
+    from mbridge.shell.model import have_te
 
     install_thd_rope()
-    cu = cu_seqlens.to(torch.int32).contiguous()
-    longest = int((cu[1:] - cu[:-1]).max())
+    host = cu_seqlens.to("cpu", torch.int32)  # a no-op for a host tensor
+    longest = int((host[1:] - host[:-1]).max())
+    n = host.numel()
+    if not have_te() and n % PACKED_BOUNDARIES:
+        host = torch.cat([host, host[-1:].expand(PACKED_BOUNDARIES - n % PACKED_BOUNDARIES)])
+    cu = host.contiguous().to(device if device is not None else cu_seqlens.device,
+                              non_blocking=True)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest, cp_group=cp_group)
+
+
+PACKED_BOUNDARIES = 32  # cu_seqlens padded to a multiple of this many entries (no TE)

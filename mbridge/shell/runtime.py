@@ -218,8 +218,8 @@ class MegatronRuntime:
             mb = get_batch_on_this_cp_rank(dict(mb))
         extra = {}
         if "cu_seqlens" in mb:  # packed documents: attention and rope stay inside each
-            extra["packed_seq_params"] = packed_seq_params(mb["cu_seqlens"],
-                                                           self.groups.collection.cp)
+            extra["packed_seq_params"] = packed_seq_params(
+                mb["cu_seqlens"], self.groups.collection.cp, device=mb["tokens"].device)
         for name in ("pixel_values", "image_grid_thw"):  # a vision-language model's images
             if name in mb:  # (the first stage reads the pixels, every stage the grids)
                 extra[name] = mb[name]
@@ -230,7 +230,9 @@ class MegatronRuntime:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = next(self.model[0].parameters()).device
-        batch = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in batch]
+        # the boundaries stay on the host: packed_seq_params reads them there, no sync
+        batch = [{k: v if k == "cu_seqlens" else v.to(device, non_blocking=True)
+                  for k, v in mb.items()} for mb in batch]
         iterators = [iter(batch) for _ in self.model]
         with cuda_as_cpu():
             outputs = get_forward_backward_func()(
