@@ -17,7 +17,9 @@ launched the clipping, Adam and the copy (about 5 ms of a 118 ms LoRA step on an
 in a trace). ``deferred_step`` computes the same norm on the device, clips by a coefficient
 computed there (``max_norm / (sqrt(sq) + 1e-6)`` in float64, applied only where below 1, as
 Megatron-Core does on the host), launches the update, and only then reads the norm it
-returns: the same return values and the same bits (tests/test_fast_optimizer.py). It applies
+returns (on CUDA from a pinned copy behind an event, so the host does not wait for the
+update either): the same return values and the same bits (tests/test_fast_optimizer.py;
+on a GPU tests/gpu/test_fast_optimizer_gpu.py). It applies
 to the L2 norm with clipping on and no loss scaler, no zero counting and no FSDP /
 decoupled gradients, on releases whose step is 0.16's (0.19 clips parameter groups by their
 own norms: its own ``step`` runs there); anything else runs Megatron-Core's ``step``.
@@ -118,6 +120,27 @@ def _clip(opt, sq: torch.Tensor) -> None:
                        sq, opt.config.clip_grad)
 
 
+def _read_later(opt, sq: torch.Tensor):
+    """Start copying ``sq`` to the host now; returns a function that gives the norm. On
+    CUDA the copy goes to a pinned buffer and an event marks it, so reading it waits for
+    the norm only, not for the update launched after it (the GPU keeps working through
+    Adam while the host goes on to the next step); elsewhere ``.item()`` at the end."""
+    if not sq.is_cuda:
+        return lambda: sq.item() ** 0.5
+    buf = getattr(opt, "_mbridge_norm_host", None)
+    if buf is None or buf.dtype != sq.dtype:
+        buf = opt._mbridge_norm_host = torch.empty(1, dtype=sq.dtype, pin_memory=True)
+    buf.copy_(sq.reshape(1), non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> float:
+        done.synchronize()
+        return buf.item() ** 0.5
+
+    return read
+
+
 def deferred_step(self):
     """``MixedPrecisionOptimizer.step`` with its host sync at the end (module docstring)."""
     if self.is_stub_optimizer or not _deferrable(self) or self.config.clip_grad <= 0.0:
@@ -125,9 +148,10 @@ def deferred_step(self):
     if self.prepare_grads():  # no loss scaler here: never True, but as Megatron-Core does
         return False, None, None
     sq = _norm_squared([self], self.get_grad_stats_parallel_group())
+    norm = _read_later(self, sq)
     _clip(self, sq)
     success = self.step_with_ready_grads()
-    return success, sq.item() ** 0.5, 0
+    return success, norm(), 0
 
 
 def deferred_chained_step(self):
@@ -143,11 +167,12 @@ def deferred_chained_step(self):
         return False, None, None
     sq = _norm_squared(self.chained_optimizers,
                        self.chained_optimizers[0].get_grad_stats_parallel_group())
+    norm = _read_later(self, sq)
     for o in opts:
         if o.get_parameters():
             _clip(o, sq)
     success = self.step_with_ready_grads()
-    return success, sq.item() ** 0.5, None
+    return success, norm(), None
 
 
 def install() -> None:
