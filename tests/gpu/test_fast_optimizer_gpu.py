@@ -40,13 +40,17 @@ def _one_step(clip: float, deferred: bool):
     opt.zero_grad()
     model[0](ids, pos, attention_mask=None, labels=ids).float().sum().backward()
     model[0].finish_grad_sync()
-    if deferred:
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    if deferred and not hasattr(MegatronOptimizer, "_compute_grad_norms_by_group"):  # 0.16
         fallback = fast_optimizer.original_chained_step
         fast_optimizer.original_chained_step = _no_fallback
         try:
             out = fast_optimizer.deferred_chained_step(opt)
         finally:
             fast_optimizer.original_chained_step = fallback
+    elif deferred:  # 0.19 clips groups by their own norms: its own step, through ours
+        out = fast_optimizer.deferred_chained_step(opt)
     else:
         out = fast_optimizer.original_chained_step(opt)
     torch.cuda.synchronize()
