@@ -32,20 +32,61 @@ def grouped_mm_usable(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
-               counts: list[int] | None = None) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows ``offs[j-1]:offs[j]`` of ``x`` [T, k] times ``w[j]`` [k, n], as one [T, n] tensor.
-    ``torch._grouped_mm`` where usable, else a loop over the groups (``counts``: the group
-    sizes, given where the caller has them on the host already)."""
+    ``torch._grouped_mm`` where usable, else ``looped_mm`` (one product per group)."""
     if grouped_mm_usable(x) and x.shape[0] > 0:
         out = torch._grouped_mm(x, w, offs=offs)
-        if out.requires_grad:  # its backward rejects a broadcast gradient (stride 0, seen)
+        if out.requires_grad and not torch.compiler.is_compiling():
+            # its backward rejects a broadcast gradient (stride 0, seen); a compiled graph
+            # hands it the gradient its own kernels wrote
             out.register_hook(lambda grad: grad.contiguous())
         return out
-    if counts is None:
-        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    parts = torch.split(x, counts)
+    return looped_mm(x, w, offs)
+
+
+@torch.library.custom_op("mbridge::looped_mm", mutates_args=())
+def looped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``grouped_mm`` as a loop of products: [T, k] x [G, k, n] -> [T, n]. One opaque op, so
+    a compiled graph keeps it whole (the group sizes it reads on the host are its own)."""
+    parts = torch.split(x, _counts(offs))
     return torch.cat([p @ w[j] for j, p in enumerate(parts)], dim=0)
+
+
+@torch.library.custom_op("mbridge::looped_mm_wgrad", mutates_args=())
+def looped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of ``looped_mm``: ``x_j^T @ grad_j`` per group, [G, k, n]."""
+    pairs = zip(torch.split(x, _counts(offs)), torch.split(grad, _counts(offs)), strict=True)
+    return torch.stack([a.T @ b for a, b in pairs])
+
+
+def _counts(offs: torch.Tensor) -> list[int]:
+    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+
+
+@looped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@looped_mm_wgrad.register_fake
+def _(x, grad, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _looped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _looped_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = looped_mm(grad, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = looped_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+looped_mm.register_autograd(_looped_mm_backward, setup_context=_looped_mm_setup)
 
 
 def per_token(rows: torch.Tensor, offs: torch.Tensor, total: int) -> torch.Tensor:
@@ -70,18 +111,16 @@ class GroupedSequentialMLP(SequentialMLP):
                 "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
-        fast = grouped_mm_usable(x)
-        counts = None if fast else [int(c) for c in tokens_per_expert.tolist()]
         offs = torch.cumsum(tokens_per_expert.to(x.device), 0).to(torch.int32)
         fc1 = [e.linear_fc1 for e in self.local_experts]
         fc2 = [e.linear_fc2 for e in self.local_experts]
         w1 = torch.stack([m.weight for m in fc1]).transpose(1, 2)  # [E, h, f1]
-        h = grouped_mm(x, w1, offs, counts)
+        h = grouped_mm(x, w1, offs)
         if fc1[0].bias is not None:
             h = h + per_token(torch.stack([m.bias for m in fc1]), offs, x.shape[0])
         h = self._activation(h, probs)
         w2 = torch.stack([m.weight for m in fc2]).transpose(1, 2)  # [E, f, h]
-        out = grouped_mm(h, w2, offs, counts)
+        out = grouped_mm(h, w2, offs)
         if fc2[0].bias is not None:  # MLP.forward: an expert's bias is scaled by its prob
             bias = per_token(torch.stack([m.bias for m in fc2]), offs, x.shape[0])
             out = (out + bias * probs.unsqueeze(-1)).to(out.dtype)

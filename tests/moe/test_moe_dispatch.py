@@ -118,3 +118,44 @@ def test_serves_only_ep1_etp1_dropless(moe_dirs):
     assert serves(cfg, 1, 2) == "expert-tensor-parallel size > 1"
     dropping = types.SimpleNamespace(**{**vars(cfg), "moe_expert_capacity_factor": 1.0})
     assert serves(dropping, 1, 1).startswith("token dropping")
+
+
+# aten ops whose output size or value the host must read from the device (a sync on a GPU)
+SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+           "unique_consecutive", "bincount", "repeat_interleave"}
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops run under it that read device data on the host (``SYNCING``). Ops
+    inside a custom op's implementation (``mbridge::looped_mm``, the CPU experts loop; on a
+    GPU the experts take ``torch._grouped_mm``) are not seen, the custom op itself is."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCING:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def moe_pass_host_reads(layer, hidden: torch.Tensor) -> list[str]:
+    with HostReads() as mode:
+        out, _ = layer(hidden)
+        out.square().sum().backward()
+    return mode.seen
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "deepseek_v3"])
+def test_moe_layer_reads_nothing_on_the_host(name, moe_dirs):
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    bridge, chunk = build(moe_dirs[name], LOSSES[name][0])
+    layer = next(m for m in chunk.modules() if isinstance(m, MoELayer))
+    hidden = torch.randn(12, 2, bridge.spec.hidden_size, requires_grad=True,
+                         generator=torch.Generator().manual_seed(0))
+    assert "masked_select" in moe_pass_host_reads(layer, hidden)  # Megatron-Core's dispatcher
+    use_sorted_dispatch(chunk)
+    assert moe_pass_host_reads(layer, hidden) == []

@@ -10,7 +10,7 @@ import torch
 from test_moe_parity import tensors
 
 from mbridge import AutoBridge
-from mbridge.shell.experts import GroupedSequentialMLP, grouped_mm, per_token
+from mbridge.shell.experts import GroupedSequentialMLP, grouped_mm, looped_mm, per_token
 
 ARCHS = ["qwen3_moe", "gpt_oss", "deepseek_v3"]  # plain, biased + clamped GLU, MLA + shared
 
@@ -92,11 +92,16 @@ def test_forward_and_grads_equal_sequential(name, moe_dirs):
 def test_grouped_mm_fallback_and_per_token():
     g = torch.Generator().manual_seed(0)
     counts = [3, 0, 2, 4]
-    x = torch.randn(sum(counts), 5, generator=g)
-    w = torch.randn(4, 5, 6, generator=g)
+    x = torch.randn(sum(counts), 5, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, 6, generator=g, requires_grad=True)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    got = grouped_mm(x, w, offs)
     want = torch.cat([x[sum(counts[:j]):sum(counts[:j + 1])] @ w[j] for j in range(4)])
-    assert torch.equal(grouped_mm(x, w, offs), want)
-    assert torch.equal(grouped_mm(x, w, offs, counts), want)
+    assert torch.equal(got, want)
+    up = torch.randn(want.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(got, [x, w], up), torch.autograd.grad(want, [x, w], up),
+                    strict=True):
+        assert torch.equal(a, b)
+    torch.library.opcheck(looped_mm, (x, w, offs))  # fake (compile) and autograd registrations
     rows = torch.arange(4.0).unsqueeze(1)
     assert per_token(rows, offs, 9).squeeze(1).tolist() == [0, 0, 0, 2, 2, 3, 3, 3, 3]
