@@ -15,6 +15,11 @@ matmul rate measured in the same run. Variants:
                    and all-to-all dispatcher as Megatron-Core computes them, DDP + distributed
                    optimizer, fused AdamW, Megatron-Core's forward_backward_func
   mbridge_seq      the same with Megatron-Core's SequentialMLP experts (a loop over experts)
+  mbridge_fast     mbridge with ``dispatch.use_sorted_dispatch``: the static-shape token
+                   dispatcher at EP = 1 (no device-to-host sync in the MoE layer; same
+                   routing, aux loss and grouped experts, bit-exact on CPU)
+  mbridge_fast_compile  mbridge_fast with each transformer layer under torch.compile
+                   (``fast_layers.compile_layers``)
   hf_eager         transformers Qwen3MoeForCausalLM (sdpa), fp32 params + bf16 autocast,
                    torch.optim.AdamW(fused=True), clip_grad_norm_(1.0)
   hf_compile       the same model under torch.compile
@@ -22,7 +27,13 @@ matmul rate measured in the same run. Variants:
   hf_bf16_compile  less exact, but only then do its experts take torch._grouped_mm: with fp32
                    weights under autocast they fall back to a loop), eager and compiled
 
+``--micro-batches N`` accumulates N micro-batches per optimizer step in every variant
+(Megatron-Core's schedule with ``num_microbatches=N``; for transformers N forward/backward
+passes with the loss scaled by 1/N before one clip and step), so the optimizer's cost is
+shared by the same tokens on both sides; tokens/s counts all N.
+
     python benchmarks/moe_throughput.py --variants mbridge,hf_eager,hf_compile --layers 4
+    python benchmarks/moe_throughput.py --variants mbridge,mbridge_fast,mbridge_fast_compile
 """
 
 from __future__ import annotations
@@ -62,7 +73,8 @@ def flops_per_step(layers: int, seq: int, tokens: int) -> float:
     return 6 * active * tokens + 12 * layers * q * seq * tokens
 
 
-def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = False):
+def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = False,
+               micro_batches: int = 1):
     from transformers import Qwen3MoeForCausalLM
 
     cfg = hf_config(layers, seq)
@@ -75,9 +87,10 @@ def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = Fals
     ids = torch.randint(0, SHAPE["vocab"], (mb, seq), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not bf16):
-            loss = fwd(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(micro_batches):  # gradient accumulation over the same tokens
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not bf16):
+                loss = fwd(input_ids=ids, labels=ids).loss
+            (loss / micro_batches).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,7 +99,8 @@ def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = Fals
     return step, (model, opt)
 
 
-def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool):
+def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
+                    fast: bool = False, compile_: bool = False, micro_batches: int = 1):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -107,6 +121,14 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool):
     from mbridge.shell.fast_layers import use_fused_cross_entropy
 
     use_fused_cross_entropy(model[0].module)
+    if fast:
+        from mbridge.shell.dispatch import use_sorted_dispatch
+
+        assert use_sorted_dispatch(model[0]) == layers, "every MoE layer takes the fast path"
+    if compile_:
+        from mbridge.shell.fast_layers import compile_layers
+
+        compile_layers(model[0].module)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=True,
                                                  use_distributed_optimizer=True, clip_grad=1.0,
                                                  params_dtype=torch.bfloat16), model)
@@ -126,20 +148,26 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool):
             chunk.zero_grad_buffer()
         opt.zero_grad()
         losses = fb(forward_step_func=forward_step, data_iterator=None, model=model,
-                    num_microbatches=1, seq_length=seq, micro_batch_size=mb, forward_only=False)
+                    num_microbatches=micro_batches, seq_length=seq, micro_batch_size=mb,
+                    forward_only=False)
         opt.step()
         return losses[0]["loss"]
 
     return step, (model, opt)
 
 
-def build(variant: str, layers: int, mb: int, seq: int):
-    if variant in ("hf_eager", "hf_compile", "hf_bf16_eager", "hf_bf16_compile"):
-        return hf_variant(layers, mb, seq, variant.endswith("compile"), "bf16" in variant)
-    if variant in ("mbridge", "mbridge_seq"):
-        return mbridge_variant(layers, mb, seq, variant == "mbridge_seq")
-    raise SystemExit(f"unknown variant {variant!r}; use mbridge, mbridge_seq, hf_eager, "
-                     "hf_compile, hf_bf16_eager or hf_bf16_compile")
+MBRIDGE = {"mbridge": {}, "mbridge_seq": dict(sequential=True), "mbridge_fast": dict(fast=True),
+           "mbridge_fast_compile": dict(fast=True, compile_=True)}
+HF = ("hf_eager", "hf_compile", "hf_bf16_eager", "hf_bf16_compile")
+
+
+def build(variant: str, layers: int, mb: int, seq: int, micro_batches: int = 1):
+    if variant in HF:
+        return hf_variant(layers, mb, seq, variant.endswith("compile"), "bf16" in variant,
+                          micro_batches)
+    if variant in MBRIDGE:
+        return mbridge_variant(layers, mb, seq, micro_batches=micro_batches, **MBRIDGE[variant])
+    raise SystemExit(f"unknown variant {variant!r}; use one of {', '.join([*MBRIDGE, *HF])}")
 
 
 def main():
@@ -147,6 +175,8 @@ def main():
     p.add_argument("--variants", default="mbridge,hf_eager,hf_compile")
     p.add_argument("--layers", default="4", help="comma-separated layer counts")
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro-batches accumulated per optimizer step (every variant)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -163,11 +193,12 @@ def main():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             row = dict(variant=variant, layers=layers, micro_batch=args.micro_batch,
-                       seq=args.seq)
+                       micro_batches=args.micro_batches, seq=args.seq)
             try:
-                step, keep = build(variant, layers, args.micro_batch, args.seq)
+                step, keep = build(variant, layers, args.micro_batch, args.seq,
+                                   args.micro_batches)
                 dt = time_steps(step, args.steps, args.warmup)
-                tokens = args.micro_batch * args.seq
+                tokens = args.micro_batches * args.micro_batch * args.seq
                 tflops = flops_per_step(layers, args.seq, tokens) / dt / 1e12
                 row.update(step_s=round(dt, 4), tokens_per_s=round(tokens / dt),
                            tflops=round(tflops, 1), mfu=round(tflops / peak, 3),
@@ -188,7 +219,8 @@ def main():
         from train_throughput import profile
 
         variant, layers = args.profile.split(":")
-        step, keep = build(variant, int(layers), args.micro_batch, args.seq)
+        step, keep = build(variant, int(layers), args.micro_batch, args.seq,
+                           args.micro_batches)
         profile(step, f"{variant} at {layers} layers")
 
 

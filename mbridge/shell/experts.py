@@ -9,7 +9,10 @@ checkpoints, tensor-parallel attributes and DDP see exactly what they see for Se
 the same router and token dispatcher before it (tokens arrive sorted by local expert, with
 ``tokens_per_expert`` counts), and one grouped product per linear over all local experts:
 ``torch._grouped_mm`` on CUDA with bf16 on Hopper or newer, a loop over the experts
-elsewhere (CPU, other dtypes). The weights are stacked per forward (one copy, about 10% of
+elsewhere (CPU, other dtypes: one custom op, ``mbridge::looped_mm``, so that a compiled layer
+keeps it in its graph). ``tokens_per_expert`` may live on the host or the device (the
+static-shape dispatcher of shell/dispatch.py keeps it there: no host sync on the grouped
+path). The weights are stacked per forward (one copy, about 10% of
 the experts' time at the Qwen3-30B-A3B shape); the activation, per-token probabilities and
 biases follow ``MLP.forward``'s unfused path line by line.
 
@@ -29,7 +32,12 @@ def grouped_mm_usable(x: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` serves these inputs: CUDA, bf16, compute capability 9.0
     or newer (the kernel torch ships is Hopper's), and a torch that has it."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+            and _hopper_or_newer(x.device.index))
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the answer as a constant
+def _hopper_or_newer(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,85 @@ def test_grouped_experts_match_sequential_bf16(dirs):
     assert got.float().abs().max().item() > 0
 
 
+def close_bf16(got, want) -> bool:
+    """Within 1% of the reference's largest magnitude (bf16 keeps 8 bits of mantissa)."""
+    scale = want.float().abs().max().item()
+    return (got.float() - want.float()).abs().max().item() <= 1e-2 * scale
+
+
+def moe_pass(layer, hidden):
+    out, _ = layer(hidden)
+    params = [hidden, *layer.parameters()]
+    return [out, *torch.autograd.grad(out.float().square().sum(), params)]
+
+
+class SyncsRaise:
+    """``torch.cuda.set_sync_debug_mode("error")`` for the block: any device-to-host sync
+    (a blocking copy, ``item``, a stream synchronize) raises."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sorted_dispatch_bf16_matches_sequential_and_never_syncs(dirs):
+    """The sync-free path (shell/dispatch.py ``SortedTokenDispatcher`` + grouped experts)
+    against Megatron-Core's all-to-all dispatcher with SequentialMLP, bf16 on CUDA: output and
+    every gradient (input, router, experts) within 1%; its forward and backward raise under
+    the sync debug mode, where Megatron-Core's raise."""
+    import types
+
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from mbridge.shell.dispatch import SortedTokenDispatcher, use_sorted_dispatch
+
+    _, _, model = provide(dirs["qwen3_moe"], "bfloat16")
+    layer = next(m for m in model[0].modules() if isinstance(m, MoELayer))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(512, 2, layer.config.hidden_size, device="cuda", generator=g,
+                         dtype=torch.bfloat16, requires_grad=True)
+    layer.experts.forward = types.MethodType(SequentialMLP.forward, layer.experts)
+    want = moe_pass(layer, hidden)
+    with pytest.raises(RuntimeError), SyncsRaise():  # the check can fail
+        moe_pass(layer, hidden)
+    del layer.experts.forward
+    assert use_sorted_dispatch(model[0]) > 0
+    assert type(layer.token_dispatcher) is SortedTokenDispatcher
+    got = moe_pass(layer, hidden)
+    assert all(close_bf16(a, b) for a, b in zip(got, want, strict=True))
+    assert want[0].float().abs().max().item() > 0
+    with SyncsRaise():
+        moe_pass(layer, hidden)
+
+
+def test_grouped_experts_compile_whole_on_cuda(dirs):
+    """The grouped experts under ``torch.compile(fullgraph=True)`` (no graph break: the
+    capability check is a constant, ``torch._grouped_mm`` in the graph) give eager's output
+    and gradients within 1%."""
+    from mbridge.shell.experts import GroupedSequentialMLP
+
+    _, _, model = provide(dirs["qwen3_moe"], "bfloat16")
+    m = next(m for m in model[0].modules() if isinstance(m, GroupedSequentialMLP))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    counts = torch.tensor([64, 0, 300, 1, 99, 64, 5, 211], device="cuda")
+    x = torch.randn(int(counts.sum()), m.config.hidden_size, device="cuda", generator=g,
+                    dtype=torch.bfloat16, requires_grad=True)
+    probs = torch.rand(x.shape[0], device="cuda", generator=g, requires_grad=True)
+    params = [x, probs, *m.parameters()]
+
+    def run(fn):
+        out, _ = fn(x, counts, probs)
+        return [out, *torch.autograd.grad(out.float().square().sum(), params)]
+
+    want = run(m)
+    got = run(torch.compile(m, fullgraph=True))
+    assert all(close_bf16(a, b) for a, b in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_training_loss_falls(name, dirs):
     from megatron.core.distributed import DistributedDataParallelConfig
