@@ -35,15 +35,15 @@ if has throughput; then
 step moe "${T_MOE:-230}" $py $mt --variants mbridge,hf_eager,hf_compile --layers 4
 step moe_hf_bf16 "${T_HFBF16:-150}" $py $mt --variants hf_bf16_eager,hf_bf16_compile --layers 4
 step moe_more "${T_MORE:-100}" $py $mt --variants mbridge --layers 8 --steps 3 --warmup 2
-step moe_fast "${T_FAST:-300}" $py $mt --variants mbridge,mbridge_fast,mbridge_fast_compile \
-  --layers 4
-step moe_accum "${T_ACCUM:-300}" $py $mt --variants mbridge_fast_compile,hf_bf16_compile \
+step moe_fast "${T_FAST:-400}" $py $mt --variants \
+  mbridge,mbridge_fast,mbridge_fast_compile,mbridge_stacked,mbridge_stacked_compile --layers 4
+step moe_accum "${T_ACCUM:-300}" $py $mt --variants mbridge_stacked_compile,hf_bf16_compile \
   --layers 4 --micro-batches 4 --steps 3 --warmup 2
 fi
 if has more; then
 step moe_seq "${T_SEQ:-60}" $py $mt --variants mbridge_seq --layers 4 --steps 2 --warmup 1
 step profile "${T_PROFILE:-70}" $py $mt --variants '' --layers 4 --profile mbridge:4
-step profile_fast "${T_PROFILE:-70}" $py $mt --variants '' --layers 4 --profile mbridge_fast:4
+step profile_fast "${T_PROFILE:-70}" $py $mt --variants '' --layers 4 --profile mbridge_stacked:4
 step convert_gpu "${T_CONVERT:-90}" $py benchmarks/convert.py --size 1b --workdir /tmp/bench \
   --gpu
 fi

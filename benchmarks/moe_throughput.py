@@ -20,6 +20,10 @@ matmul rate measured in the same run. Variants:
                    routing, aux loss and grouped experts, bit-exact on CPU)
   mbridge_fast_compile  mbridge_fast with each transformer layer under torch.compile
                    (``fast_layers.compile_layers``)
+  mbridge_stacked  mbridge_fast with ``experts.stack_experts`` (pre-wrap hook): one
+                   parameter per linear per layer, no per-forward stack, 8 expert params a
+                   layer for DDP, clipping and Adam instead of 256 (state dict unchanged)
+  mbridge_stacked_compile  mbridge_stacked with compiled layers
   hf_eager         transformers Qwen3MoeForCausalLM (sdpa), fp32 params + bf16 autocast,
                    torch.optim.AdamW(fused=True), clip_grad_norm_(1.0)
   hf_compile       the same model under torch.compile
@@ -100,7 +104,8 @@ def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = Fals
 
 
 def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
-                    fast: bool = False, compile_: bool = False, micro_batches: int = 1):
+                    fast: bool = False, compile_: bool = False, stacked: bool = False,
+                    micro_batches: int = 1):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -117,7 +122,12 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
     provider.params_dtype = "bfloat16"
     provider.finalize()
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp)
+    hook = experts.stack_experts if stacked else None
+    model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp,
+                                               pre_wrap_hook=hook)
+    if stacked:
+        assert all(m.stacked for m in model[0].modules()
+                   if isinstance(m, experts.GroupedSequentialMLP))
     from mbridge.shell.fast_layers import use_fused_cross_entropy
 
     use_fused_cross_entropy(model[0].module)
@@ -157,7 +167,9 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
 
 
 MBRIDGE = {"mbridge": {}, "mbridge_seq": dict(sequential=True), "mbridge_fast": dict(fast=True),
-           "mbridge_fast_compile": dict(fast=True, compile_=True)}
+           "mbridge_fast_compile": dict(fast=True, compile_=True),
+           "mbridge_stacked": dict(fast=True, stacked=True),
+           "mbridge_stacked_compile": dict(fast=True, stacked=True, compile_=True)}
 HF = ("hf_eager", "hf_compile", "hf_bf16_eager", "hf_bf16_compile")
 
 

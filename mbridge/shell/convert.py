@@ -117,7 +117,9 @@ def _adopt_or_copy(param: torch.nn.Parameter, value: torch.Tensor,
     private copy-on-write maps of the file (``HFCheckpoint.mapped``): adopting costs no
     copy, and a page of a map is copied only when training first writes it."""
     ptr, size = value.data_ptr(), value.numel() * value.element_size()
-    if (value.dtype == param.dtype and value.device == param.device
+    # a view (stacked experts' per-expert weights, shell/experts.py) is copied into
+    if (isinstance(param, torch.nn.Parameter) and value.dtype == param.dtype
+            and value.device == param.device
             and value.shape == param.shape and value.is_contiguous() and size
             and not any(ptr < end and begin < ptr + size for begin, end in adopted)):
         param.data = value

@@ -111,6 +111,9 @@ class GroupedSequentialMLP(SequentialMLP):
                 tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
         cfg = self.config
         if cfg.fp8 or cfg.fp4 or self.num_local_experts == 1 or self._hooked():
+            if self.stacked:
+                raise NotImplementedError("stacked experts (stack_experts) run the grouped "
+                                          "path only: no adapters, fp8 or single expert")
             return super().forward(permuted_local_hidden_states, tokens_per_expert,
                                    permuted_probs)
         x, probs = permuted_local_hidden_states, permuted_probs
@@ -122,17 +125,58 @@ class GroupedSequentialMLP(SequentialMLP):
         offs = torch.cumsum(tokens_per_expert.to(x.device), 0).to(torch.int32)
         fc1 = [e.linear_fc1 for e in self.local_experts]
         fc2 = [e.linear_fc2 for e in self.local_experts]
-        w1 = torch.stack([m.weight for m in fc1]).transpose(1, 2)  # [E, h, f1]
+        w1 = self._weights(1).transpose(1, 2)  # [E, h, f1]
         h = grouped_mm(x, w1, offs)
         if fc1[0].bias is not None:
             h = h + per_token(torch.stack([m.bias for m in fc1]), offs, x.shape[0])
         h = self._activation(h, probs)
-        w2 = torch.stack([m.weight for m in fc2]).transpose(1, 2)  # [E, f, h]
+        w2 = self._weights(2).transpose(1, 2)  # [E, f, h]
         out = grouped_mm(h, w2, offs)
         if fc2[0].bias is not None:  # MLP.forward: an expert's bias is scaled by its prob
             bias = per_token(torch.stack([m.bias for m in fc2]), offs, x.shape[0])
             out = (out + bias * probs.unsqueeze(-1)).to(out.dtype)
         return out, None
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the experts' weights are held stacked (``stack_experts``)."""
+        return "weight1" in self._parameters
+
+    def _weights(self, i: int) -> torch.Tensor:
+        """``linear_fc{i}``'s weights of all local experts, [E, out, in]: the stacked
+        parameter, or a stack (a copy) of the per-expert ones."""
+        if self.stacked:
+            return self._parameters[f"weight{i}"]
+        return torch.stack([getattr(e, f"linear_fc{i}").weight for e in self.local_experts])
+
+    def stack(self) -> bool:
+        """Hold each linear's expert weights as one parameter ``weight{i}`` [E, out, in]
+        (its tensor-parallel attributes those of an expert's weight, the split dim moved
+        past the expert dim), presented per expert (``local_experts.{j}.linear_fc{i}.
+        weight``, views of it) by ``state_dict``, ``sharded_state_dict`` and
+        ``load_state_dict``. Only where the grouped path is all there is: EP = expert-TP = 1,
+        no biases, adapters, fp8 or single expert. Returns whether it stacked."""
+        cfg, linears = self.config, [(e.linear_fc1, e.linear_fc2) for e in self.local_experts]
+        if (self.stacked or cfg.fp8 or cfg.fp4 or self.num_local_experts == 1
+                or self._hooked() or self.ep_group.size() != 1 or self.tp_group.size() != 1
+                or any(m.bias is not None for pair in linears for m in pair)):
+            return False
+        for i in (1, 2):
+            per_expert = [pair[i - 1] for pair in linears]
+            first = per_expert[0].weight
+            stacked = torch.nn.Parameter(torch.stack([m.weight.detach() for m in per_expert]),
+                                         requires_grad=first.requires_grad)
+            for attr, value in vars(first).items():  # tensor_model_parallel, allreduce, ...
+                setattr(stacked, attr, value)
+            if hasattr(first, "partition_dim"):
+                stacked.partition_dim = first.partition_dim + 1
+            self.register_parameter(f"weight{i}", stacked)
+            for j, m in enumerate(per_expert):
+                m.register_parameter("weight", None)  # state_dict skips it; the hook adds
+                m.register_state_dict_post_hook(_expert_view(self, i, j))
+        self.register_state_dict_post_hook(_drop_stacked)
+        self.register_load_state_dict_pre_hook(_load_per_expert)
+        return True
 
     def _hooked(self) -> bool:
         """Whether an expert linear carries an adapter (``shell/adapters.py``: a submodule
@@ -153,3 +197,40 @@ class GroupedSequentialMLP(SequentialMLP):
         else:
             h = cfg.activation_func(h)
         return (h * probs.unsqueeze(-1)).to(h.dtype)
+
+
+def _expert_view(owner: GroupedSequentialMLP, i: int, j: int):
+    """A state-dict hook of expert ``j``'s ``linear_fc{i}``: its ``weight`` entry, a view of
+    the stacked parameter (detached, as ``state_dict`` gives; it shares the storage, so a
+    distributed checkpoint loads into it in place)."""
+
+    def hook(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "weight"] = owner._parameters[f"weight{i}"].detach()[j]
+        if prefix + "_extra_state" in state_dict:  # the weight first, as the module has it
+            state_dict.move_to_end(prefix + "_extra_state")
+
+    return hook
+
+
+def _drop_stacked(module, state_dict, prefix, local_metadata):
+    """The stacked parameters leave the state dict (the experts' views name them)."""
+    for i in (1, 2):
+        state_dict.pop(f"{prefix}weight{i}", None)
+
+
+def _load_per_expert(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                     unexpected_keys, error_msgs):
+    """``load_state_dict``: the per-expert weights, stacked, load into ``weight{i}``."""
+    for i in (1, 2):
+        names = [f"{prefix}local_experts.{j}.linear_fc{i}.weight"
+                 for j in range(module.num_local_experts)]
+        if all(n in state_dict for n in names):
+            state_dict[f"{prefix}weight{i}"] = torch.stack([state_dict.pop(n) for n in names])
+
+
+def stack_experts(chunks) -> None:
+    """A pre-wrap hook (``provide_distributed_model(pre_wrap_hook=stack_experts)``: before
+    DDP, whose buffers then hold one parameter per linear per layer): stack the grouped
+    experts' weights wherever ``GroupedSequentialMLP.stack`` applies (``.stacked`` says)."""
+    for m in (m for c in chunks for m in c.modules() if isinstance(m, GroupedSequentialMLP)):
+        m.stack()
