@@ -312,11 +312,13 @@ def use_fused_cross_entropy(model, compile_: bool = True) -> None:
 def thd_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Each token's position inside its document, ``[total]``, for a packed row whose
     documents end at ``cu_seqlens`` (covering all ``total`` tokens); computed where the
-    boundaries are, with no device-to-host sync."""
+    boundaries are, with no device-to-host sync. A token's document starts at the last
+    boundary at or before it: a ``[total, boundaries]`` comparison and a max, where
+    ``searchsorted`` over a slice of the boundaries fails in Inductor on CUDA (``SliceView``
+    has no strides; seen in a compiled layer)."""
     at = torch.arange(total, device=cu_seqlens.device)
     cu = cu_seqlens.long()
-    doc = torch.searchsorted(cu[1:], at, right=True)
-    return at - cu[doc]
+    return at - torch.where(cu <= at[:, None], cu, 0).amax(dim=1)
 
 
 def _thd_rope(t, cu_seqlens, freqs, *args, cp_group=None, **kwargs):
