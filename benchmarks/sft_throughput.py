@@ -280,12 +280,17 @@ def main() -> None:
             return
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        out.append(run(variant, step, batches, lengths, m, peak, device, args.warmup))
+        try:
+            out.append(run(variant, step, batches, lengths, m, peak, device, args.warmup))
+        except Exception as e:  # report it and go on to the next variant
+            if device != "cuda":
+                raise
+            out.append(dict(variant=variant, error=f"{type(e).__name__}: {e}"[:300]))
         print(json.dumps(out[-1]), flush=True)
         del model, opt, step
         if device == "cuda":
             torch.cuda.empty_cache()
-    if len(out) == 2:
+    if len(out) == 2 and all("error" not in r for r in out):
         ratio = out[0]["real_tokens_per_s"] / out[1]["real_tokens_per_s"]
         print(f"{out[0]['variant']} / {out[1]['variant']} real tokens/s: {ratio:.2f}x")
     if args.json:

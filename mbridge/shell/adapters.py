@@ -63,6 +63,7 @@ from mbridge.sharding import shard
 from mbridge.sharding.expert import placement, split_of
 from mbridge.shell import convert
 from mbridge.shell.dist import Groups
+from mbridge.shell.fast_layers import pass_tp_groups
 from mbridge.shell.model import groups_of, unwrap
 from mbridge.specs import ModelSpec
 
@@ -244,7 +245,7 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
     parallel, rank = groups.parallel, groups.rank
     for p in (p for c in chunks for p in c.parameters()):
         p.requires_grad_(False)
-    _name_frozen_groups(chunks)
+    pass_tp_groups(chunks)  # frozen linears too: no warning, no graph break per call
     global_shapes = shapes(adapter, spec)
     for a in selection(adapter, spec):
         places = [(c, local) for pp, c, ep, local in placement(a.module + ".weight", spec,
@@ -279,25 +280,6 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
             _init_magnitude(site, module.weight)
         module.register_forward_hook(_forward_hook)
     return chunks
-
-
-def _name_frozen_groups(chunks: list) -> None:
-    """Hand every frozen local linear its own TP group in the forward. Megatron-Core's
-    ``RowParallelLinear`` passes ``tp_group=None`` to ``linear_with_frozen_weight``, which
-    then looks the default group up and warns, on every call: a Python warning per linear
-    per step, and a graph break that splits a compiled layer at each frozen linear."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    for m in (m for c in chunks for m in c.modules()):
-        if type(m) in (ColumnParallelLinear, RowParallelLinear) and \
-                getattr(m, "tp_group", None) is not None:
-            m._forward_impl = partial(_frozen_forward_impl, m._forward_impl, m.tp_group)
-
-
-def _frozen_forward_impl(impl, group, *args, **kwargs):
-    if kwargs.get("tp_group", group) is None:
-        kwargs["tp_group"] = group
-    return impl(*args, **kwargs)
 
 
 def _sharded_state_dict(module, prefix="", sharded_offsets=(), metadata=None):

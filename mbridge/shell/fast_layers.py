@@ -43,7 +43,18 @@ class SDPAttention(DotProductAttention):
             raise ValueError(f"packed sequences in {packed.qkv_format!r} layout; only 'thd'")
         window = self.scale_mask_softmax.window_size
         left = None if window is None else window[0]
-        if packed_kernel(query) == "varlen":
+        kernel = packed_kernel(query)
+        if kernel == "flex" and left is None and getattr(packed, "block_mask", None) is not None:
+            # the row's block mask, built with its boundaries (forward.packed_seq_params),
+            # outside any compiled region: a compiled layer keeps this call in its graph
+            t = query.shape[0]
+            # contiguous [1, heads, t, hn]: inside a compiled layer the copy fuses into the
+            # rope before it, and Inductor's CPU FlexAttention misreads strided inputs (seen:
+            # wrong values in a compiled layer, a lowering error alone)
+            q, k, v = (x.permute(1, 0, 2).unsqueeze(0).contiguous() for x in (query, key, value))
+            out = flex_with_block_mask(q, k, v, packed.block_mask, scale=self.softmax_scale)
+            return out.squeeze(0).permute(1, 0, 2).reshape(t, self.hidden_size_per_partition)
+        if kernel == "varlen":
             t = query.shape[0]
             cu = packed.cu_seqlens_q.to(query.device)
             out = varlen_document_attention(query, key, value, cu, scale=self.softmax_scale,
@@ -116,9 +127,11 @@ def resolve_varlen() -> tuple:
     return _VARLEN
 
 
-def packed_kernel(x: torch.Tensor) -> str:
+def packed_kernel(x: torch.Tensor | torch.device) -> str:
+    """The packed-attention kernel for tensors on ``x`` (a tensor or a device)."""
     if PACKED_KERNEL == "auto":
-        return "flex" if x.is_cuda else "sdpa"
+        return "flex" if torch.device(x.device if isinstance(x, torch.Tensor) else x).type \
+            == "cuda" else "sdpa"
     return PACKED_KERNEL
 
 
@@ -156,6 +169,35 @@ def document_mask(doc: torch.Tensor, left: int | None = None) -> torch.Tensor:
 
 _compiled_flex = None
 _last_block: tuple = (None, None, None)  # (boundaries tensor, window, block mask)
+
+
+def document_block_mask(doc: torch.Tensor):
+    """FlexAttention's block mask for causal attention inside each document of a packed row
+    (``doc[i]``: token i's document, on the device that will attend), built eagerly: where
+    a row's boundaries are made, outside any compiled layer."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, qi, ki):
+        return (doc[qi] == doc[ki]) & (ki <= qi)
+
+    t = doc.shape[0]
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=doc.device)
+
+
+def flex_with_block_mask(q, k, v, block, *, scale):
+    """FlexAttention over ``[1, heads, t, hn]`` with a prepared block mask. Inside a compiled
+    layer the call joins the layer's graph (one kernel, no graph break); outside one it goes
+    through a compiled ``flex_attention`` (eager FlexAttention is a slow reference)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        fn = flex_attention
+    else:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def flex_document_attention(q, k, v, doc, *, scale, left=None, compiled=True, key=None):
@@ -218,9 +260,36 @@ _compiled_ce = None
 
 def compile_layers(model) -> None:
     """Put each transformer layer of a ``GPTModel`` under ``torch.compile`` (fuses the
-    elementwise work between the matmuls: SwiGLU, rope, residual adds)."""
+    elementwise work between the matmuls: SwiGLU, rope, residual adds). Each local
+    ``RowParallelLinear`` first gets its TP group handed to its product (``pass_tp_groups``):
+    Megatron-Core passes ``None`` there and warns, and a warning is a graph break, so every
+    layer compiled to two graphs split at its attention projection."""
+    pass_tp_groups([model])
     for layer in model.decoder.layers:
         layer.compile()
+
+
+def pass_tp_groups(chunks: list) -> None:
+    """Hand every local linear its own TP group in the forward (idempotent). Megatron-Core's
+    ``RowParallelLinear`` passes ``tp_group=None`` to its product
+    (``linear_with_grad_accumulation_and_async_allreduce``, ``linear_with_frozen_weight``),
+    which looks the default group up and warns on every call: a Python warning per linear
+    per step, and a graph break in a compiled layer."""
+    from functools import partial
+
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    for m in (m for c in chunks for m in c.modules()):
+        if type(m) in (ColumnParallelLinear, RowParallelLinear) and \
+                getattr(m, "tp_group", None) is not None and \
+                not isinstance(m.__dict__.get("_forward_impl"), partial):
+            m._forward_impl = partial(_forward_impl_with_group, m._forward_impl, m.tp_group)
+
+
+def _forward_impl_with_group(impl, group, *args, **kwargs):
+    if kwargs.get("tp_group", group) is None:
+        kwargs["tp_group"] = group
+    return impl(*args, **kwargs)
 
 
 def use_fused_cross_entropy(model, compile_: bool = True) -> None:
@@ -243,11 +312,13 @@ def use_fused_cross_entropy(model, compile_: bool = True) -> None:
 def thd_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Each token's position inside its document, ``[total]``, for a packed row whose
     documents end at ``cu_seqlens`` (covering all ``total`` tokens); computed where the
-    boundaries are, with no device-to-host sync."""
+    boundaries are, with no device-to-host sync. A token's document starts at the last
+    boundary at or before it: a ``[total, boundaries]`` comparison and a max, where
+    ``searchsorted`` over a slice of the boundaries fails in Inductor on CUDA (``SliceView``
+    has no strides; seen in a compiled layer)."""
     at = torch.arange(total, device=cu_seqlens.device)
     cu = cu_seqlens.long()
-    doc = torch.searchsorted(cu[1:], at, right=True)
-    return at - cu[doc]
+    return at - torch.where(cu <= at[:, None], cu, 0).amax(dim=1)
 
 
 def _thd_rope(t, cu_seqlens, freqs, *args, cp_group=None, **kwargs):

@@ -76,26 +76,40 @@ def _gather_vocab(local: torch.Tensor, tp: int, group) -> torch.Tensor:
 def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None, device=None):
     """Megatron-Core's ``PackedSeqParams`` (``thd``) for one packed row whose documents end
     at ``cu_seqlens`` ``[documents + 1]``: rope restarts and attention stays inside each.
-    Give ``cu_seqlens`` on the host and the model's ``device``: the longest document is then
-    read there, with no device-to-host sync (one per micro-batch otherwise, which drains the
-    GPU's queue). Without Transformer Engine the boundaries are padded with zero-length
-    documents to a multiple of 32 entries, so a compiled layer sees one shape for most rows
-    (the shell's kernels and rope treat an empty document as nothing)."""
+    Give ``cu_seqlens`` on the host and the model's ``device``: everything about the row is
+    then read there, with no device-to-host sync (one per micro-batch otherwise, which
+    drains the GPU's queue).
+
+    With Transformer Engine: its kernels, the longest document as ``max_seqlen``. Without,
+    the shell's kernels see one shape for every row of a length, so a compiled layer keeps
+    one graph: the boundaries are padded with zero-length documents to a multiple of 32
+    entries (an empty document is nothing to the shell's kernels and rope), ``max_seqlen``
+    is the static bound ``t + 1`` (the rope tables then cover every position; ``t`` itself
+    would read, to Megatron-Core's ``thd`` rope, as positions running on across documents),
+    and where the shell attends through FlexAttention (CUDA) the row's block mask is built
+    here, outside any compiled region, as ``params.block_mask``."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from mbridge.shell.fast_layers import install_thd_rope
+    from mbridge.shell.fast_layers import document_block_mask, install_thd_rope, packed_kernel
     from mbridge.shell.model import have_te
 
     install_thd_rope()
     host = cu_seqlens.to("cpu", torch.int32)  # a no-op for a host tensor
-    longest = int((host[1:] - host[:-1]).max())
+    device = device if device is not None else cu_seqlens.device
+    te = have_te()
+    t = int(host[-1])
+    longest = int((host[1:] - host[:-1]).max()) if te else t + 1
     n = host.numel()
-    if not have_te() and n % PACKED_BOUNDARIES:
+    if not te and n % PACKED_BOUNDARIES:
         host = torch.cat([host, host[-1:].expand(PACKED_BOUNDARIES - n % PACKED_BOUNDARIES)])
-    cu = host.contiguous().to(device if device is not None else cu_seqlens.device,
-                              non_blocking=True)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest, cp_group=cp_group)
+    cu = host.contiguous().to(device, non_blocking=True)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=longest, max_seqlen_kv=longest, cp_group=cp_group)
+    if not te and packed_kernel(torch.device(device)) == "flex":
+        lengths = (host[1:] - host[:-1]).long()
+        doc = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=t)
+        params.block_mask = document_block_mask(doc.to(device, non_blocking=True))
+    return params
 
 
 PACKED_BOUNDARIES = 32  # cu_seqlens padded to a multiple of this many entries (no TE)
