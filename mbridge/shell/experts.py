@@ -16,6 +16,14 @@ path). The weights are stacked per forward (one copy, about 10% of
 the experts' time at the Qwen3-30B-A3B shape); the activation, per-token probabilities and
 biases follow ``MLP.forward``'s unfused path line by line.
 
+``stack_experts`` (a pre-wrap hook, opt-in) holds each linear's expert weights as one
+parameter ``weight{1,2}`` [E, out, in] instead, so the forward stacks nothing and DDP, the
+clipping norm and Adam see 2 expert parameters a layer instead of 2E; ``state_dict``,
+``sharded_state_dict`` and ``load_state_dict`` still show ``local_experts.{j}.linear_fc{i}.
+weight`` (views of it), so conversion and checkpoints read and write what they did
+(tests/moe/test_moe_stacked.py). Optimizer-state distributed checkpoints of a stacked model
+are not covered by tests.
+
 Expert linears take no tensor-parallel collective here: Megatron-Core marks an expert's
 linears ``explicit_expert_comm`` when EP or expert-TP > 1 (the dispatcher does the
 communication), and at EP = expert-TP = 1 they have none to do. Experts with a LoRA/DoRA

@@ -158,14 +158,21 @@ def test_grouped_experts_compile_whole_on_cuda(dirs):
     assert all(close_bf16(a, b) for a, b in zip(got, want, strict=True))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["qwen3_moe_fast"])
 def test_training_loss_falls(name, dirs):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from mbridge.shell.dispatch import use_sorted_dispatch
+    from mbridge.shell.experts import stack_experts
+
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    bridge, _, model = provide(dirs[name], "bfloat16", wrap_with_ddp=True, ddp_config=ddp)
+    fast = name.endswith("_fast")  # the sync-free path: sorted dispatch, stacked experts
+    bridge, _, model = provide(dirs[name.removesuffix("_fast")], "bfloat16", wrap_with_ddp=True,
+                               ddp_config=ddp, pre_wrap_hook=stack_experts if fast else None)
+    if fast:
+        assert use_sorted_dispatch(model[0]) > 0
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, bf16=True,
                                                  use_distributed_optimizer=True, clip_grad=1.0,
                                                  params_dtype=torch.bfloat16), model)
