@@ -203,7 +203,7 @@ def make_step(model, opt, seq: int, device: str):
 
 def run(name: str, step, batches: list, lengths: list[int], m: dict, peak: float,
         device: str, warmup: int) -> dict:
-    for b in batches[:warmup]:
+    for b in batches if warmup < 0 else batches[:warmup]:
         step(b)
     sync(device)
     t = time.perf_counter()
@@ -234,7 +234,9 @@ def main() -> None:
                    help="median document length (default 500; smoke 40)")
     p.add_argument("--rows-per-step", type=int, default=8,
                    help="rows per optimizer step (default 8)")
-    p.add_argument("--warmup", type=int, default=2, help="steps run before timing")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="steps run before timing (-1: every step once, so that a compiled "
+                        "layer has seen every shape of the run before the timer starts)")
     p.add_argument("--variants", default="packed,padded",
                    help="packed|padded, each with options joined by _ (ce, compile, "
                         "compilemlp, x2, x4), e.g. packed_ce_compile_x2,padded_ce")

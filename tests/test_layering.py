@@ -185,3 +185,21 @@ def test_the_purity_contract_can_fail(tmp_path):
     bad.write_text("import torch.distributed as dist\n")
     with pytest.raises(AssertionError, match="imports torch.distributed"):
         check_pure(bad)
+
+
+OFFLINE_ENTRIES = ["mbridge", "mbridge.offline", "mbridge.verify", "mbridge.cli",
+                   "mbridge.offline_cli"]
+
+
+def test_offline_conversion_imports_no_megatron_core():
+    """Offline conversion runs without Megatron-Core: importing its entry points loads none of
+    it (its import costs seconds and prints TE/Apex warnings on every CLI run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in OFFLINE_ENTRIES)
+            + "print(sorted({m.split('.')[0] + '.' + m.split('.')[1] for m in sys.modules"
+              " if m.startswith('megatron.')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", f"these entry points import Megatron-Core: {out.strip()}"

@@ -63,7 +63,6 @@ from mbridge.sharding import shard
 from mbridge.sharding.expert import placement, split_of
 from mbridge.shell import convert
 from mbridge.shell.dist import Groups
-from mbridge.shell.fast_layers import pass_tp_groups
 from mbridge.shell.model import groups_of, unwrap
 from mbridge.specs import ModelSpec
 
@@ -245,6 +244,8 @@ def apply(chunks: list, adapter: AdapterSpec, spec: ModelSpec, seed: int = 0) ->
     parallel, rank = groups.parallel, groups.rank
     for p in (p for c in chunks for p in c.parameters()):
         p.requires_grad_(False)
+    from mbridge.shell.fast_layers import pass_tp_groups  # imports Megatron-Core: lazily
+
     pass_tp_groups(chunks)  # frozen linears too: no warning, no graph break per call
     global_shapes = shapes(adapter, spec)
     for a in selection(adapter, spec):
