@@ -105,7 +105,7 @@ def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = Fals
 
 def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
                     fast: bool = False, compile_: bool = False, stacked: bool = False,
-                    micro_batches: int = 1):
+                    micro_batches: int = 1, grad_fp32: bool = True):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -121,7 +121,8 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
         load_weights=False)
     provider.params_dtype = "bfloat16"
     provider.finalize()
-    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=grad_fp32,
+                                        use_distributed_optimizer=True)
     hook = experts.stack_experts if stacked else None
     model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp,
                                                pre_wrap_hook=hook)
@@ -173,12 +174,14 @@ MBRIDGE = {"mbridge": {}, "mbridge_seq": dict(sequential=True), "mbridge_fast": 
 HF = ("hf_eager", "hf_compile", "hf_bf16_eager", "hf_bf16_compile")
 
 
-def build(variant: str, layers: int, mb: int, seq: int, micro_batches: int = 1):
+def build(variant: str, layers: int, mb: int, seq: int, micro_batches: int = 1,
+          grad_fp32: bool = True):
     if variant in HF:
         return hf_variant(layers, mb, seq, variant.endswith("compile"), "bf16" in variant,
                           micro_batches)
     if variant in MBRIDGE:
-        return mbridge_variant(layers, mb, seq, micro_batches=micro_batches, **MBRIDGE[variant])
+        return mbridge_variant(layers, mb, seq, micro_batches=micro_batches,
+                               grad_fp32=grad_fp32, **MBRIDGE[variant])
     raise SystemExit(f"unknown variant {variant!r}; use one of {', '.join([*MBRIDGE, *HF])}")
 
 
@@ -189,6 +192,9 @@ def main():
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--micro-batches", type=int, default=1,
                    help="micro-batches accumulated per optimizer step (every variant)")
+    p.add_argument("--bf16-grads", action="store_true",
+                   help="mbridge: gradients accumulated and reduced in bf16 (Megatron-Core's "
+                        "default, and transformers' bf16 variants' precision) instead of fp32")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -206,9 +212,11 @@ def main():
             torch.cuda.reset_peak_memory_stats()
             row = dict(variant=variant, layers=layers, micro_batch=args.micro_batch,
                        micro_batches=args.micro_batches, seq=args.seq)
+            if variant in MBRIDGE:
+                row["grads"] = "bf16" if args.bf16_grads else "fp32"
             try:
                 step, keep = build(variant, layers, args.micro_batch, args.seq,
-                                   args.micro_batches)
+                                   args.micro_batches, not args.bf16_grads)
                 dt = time_steps(step, args.steps, args.warmup)
                 tokens = args.micro_batches * args.micro_batch * args.seq
                 tflops = flops_per_step(layers, args.seq, tokens) / dt / 1e12

@@ -1,22 +1,24 @@
 """SFT throughput on one GPU: packed rows vs the same documents padded, counting real tokens.
 
 Model: Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, ffn 8192, vocab
-128256, tied embeddings), bf16 params with fp32 main params and grads, distributed Adam, clip
-1.0, Megatron-Core's forward_backward_func and the per-token loss of ``mbridge.training``.
+128256, tied embeddings), bf16 params with fp32 main params and grads, distributed Adam
+(torch's fused kernel, as the training shell takes it without Apex/TE), clip 1.0,
+Megatron-Core's forward_backward_func and the per-token loss of ``mbridge.training``.
 Documents: lengths drawn log-normally (median about 500 tokens, clipped to 16..seq; seeded),
 random tokens, the loss on each document's second half. The same documents run twice:
 
   packed   first-fit rows of ``--seq`` (``mbridge.train.packing``), micro-batch 1, rope and
            attention kept inside each document through Megatron-Core's ``thd``
-           PackedSeqParams (TE's kernel when TE is installed, else the shell's SDPA with a
-           block-diagonal mask, or FlexAttention's document mask on CUDA)
+           PackedSeqParams (TE's kernel when TE is installed, else the shell's: flash
+           attention over cu_seqlens on CUDA, SDPA with a block-diagonal mask on the CPU)
   padded   one document per row, padded to ``--seq``, micro-batch 1
 
 Options joined to a variant with ``_``: ``ce`` mbridge's compiled cross entropy (TP=1),
 ``compile`` each transformer layer under torch.compile, ``compilemlp`` only each layer's MLP,
-``x2`` (or ``x4``) two (four) rows per micro-batch: padded rows stacked as a batch, packed rows
-concatenated into one ``thd`` sequence (attention and positions still inside each document,
-so the work per token is the same; only the kernels see more tokens at once).
+``x2`` (``x4``, ``x8``) two (four, eight) rows per micro-batch: padded rows stacked as a
+batch, packed rows concatenated into one ``thd`` sequence (attention and positions still
+inside each document, so the work per token is the same; only the kernels see more tokens
+at once).
 
 Per run: real tokens/s (pad excluded) and MFU on real tokens, with
 
@@ -25,7 +27,7 @@ Per run: real tokens/s (pad excluded) and MFU on real tokens, with
 (attention counted only inside each document) against the bf16 matmul rate measured in the
 same run (8192^3 products). ``--smoke``: a tiny model on CPU in seconds, to check the script.
 
-    python benchmarks/sft_throughput.py                    # one GPU
+    python benchmarks/sft_throughput.py                    # one GPU: the fastest variants
     python benchmarks/sft_throughput.py --smoke            # CPU, seconds
 """
 
@@ -39,6 +41,7 @@ import time
 
 import torch
 
+DEFAULT_VARIANTS = "packed_ce_compile_x8,padded_ce_compile_x4"  # the fastest of each (H200)
 LLAMA_1B = dict(vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192)
 TINY = dict(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128)
 
@@ -154,6 +157,9 @@ def build(m: dict, seq: int, device: str, opts: set[str] = frozenset()):
         opt = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=1e-5, bf16=bf16, use_distributed_optimizer=True, clip_grad=1.0,
             params_dtype=torch.bfloat16 if bf16 else torch.float32), model)
+    from mbridge.shell.fast_optimizer import use_fused_adam
+
+    use_fused_adam(opt)  # as the training shell does (CUDA without Apex/TE)
     return model, opt
 
 
@@ -234,16 +240,19 @@ def main() -> None:
                    help="median document length (default 500; smoke 40)")
     p.add_argument("--rows-per-step", type=int, default=8,
                    help="rows per optimizer step (default 8)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="steps run before timing (-1: every step once, so that a compiled "
-                        "layer has seen every shape of the run before the timer starts)")
-    p.add_argument("--variants", default="packed,padded",
+    p.add_argument("--warmup", type=int, default=-1,
+                   help="steps run before timing (default -1: every step once, so that a "
+                        "compiled layer has seen every shape of the run before the timer "
+                        "starts)")
+    p.add_argument("--variants", default=None,
                    help="packed|padded, each with options joined by _ (ce, compile, "
-                        "compilemlp, x2, x4), e.g. packed_ce_compile_x2,padded_ce")
+                        "compilemlp, x2, x4, x8), e.g. packed_ce_compile_x2,padded_ce "
+                        f"(default {DEFAULT_VARIANTS}; with --smoke packed,padded)")
     p.add_argument("--packed-attention", choices=["auto", "varlen", "flex", "sdpa"], default="auto",
-                   help="without TE, packed rows attend through torch's varlen flash "
-                        "attention (auto on CUDA where torch has it), FlexAttention's "
-                        "document mask, or SDPA with a dense block-diagonal mask")
+                   help="without TE, packed rows attend through flash attention over "
+                        "cu_seqlens (varlen; auto for CUDA bf16), FlexAttention's document "
+                        "mask (flex), or SDPA with a dense block-diagonal mask (sdpa; auto "
+                        "on the CPU)")
     p.add_argument("--json", default=None, help="also write results here")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing: a CUDA profile of 3 steps of the first variant")
@@ -264,12 +273,13 @@ def main() -> None:
           f"{n_docs} documents, {sum(lengths)} tokens, seq {seq}; packed attention: "
           f"{'TE' if have_te() else args.packed_attention}", flush=True)
     out = []
-    for variant in args.variants.split(","):
+    variants = args.variants or ("packed,padded" if args.smoke else DEFAULT_VARIANTS)
+    for variant in variants.split(","):
         kind, *opts = variant.split("_")
         if kind not in ("packed", "padded") or set(opts) - {"ce", "compile", "compilemlp",
-                                                            "x2", "x4"}:
+                                                            "x2", "x4", "x8"}:
             p.error(f"unknown variant {variant!r}")
-        per_mb = 4 if "x4" in opts else 2 if "x2" in opts else 1
+        per_mb = next((int(o[1:]) for o in opts if o in ("x2", "x4", "x8")), 1)
         mbs = rows(lengths, seq, m["vocab"], packed=kind == "packed", seed=1, per_mb=per_mb)
         k = max(1, args.rows_per_step // per_mb)
         batches = [mbs[i:i + k] for i in range(0, len(mbs), k)]

@@ -157,3 +157,18 @@ def test_packed_rows_compile_into_one_graph_with_flex_attention():
         torch.testing.assert_close(c, d, rtol=0, atol=5e-5)
     # the documents do not see each other: the same row unpacked (one document) differs
     assert (logits([t], "sdpa", row=rows[0][0]) - dense[0]).abs().max() > 1e-2
+
+
+def test_packed_seq_params_bounds_the_longest_document_by_a_power_of_two():
+    """Without TE, ``max_document`` (the flash kernel's bound on a document's length) is the
+    longest document (a row's trailing pad is one) rounded up to a power of two, at least
+    1024, at most the row."""
+    from mbridge.shell.forward import packed_seq_params
+    from mbridge.train import packing
+
+    for lengths, t, bound in (([40, 100, 16], 256, 256), ([600] * 6 + [390], 4000, 1024),
+                              ([1025] * 3 + [900], 4000, 2048), ([600, 300], 4096, 4096),
+                              ([4096], 4096, 4096), ([2048, 2048, 10], 4106, 2048)):
+        cu = torch.tensor(packing.cu_seqlens(lengths, t), dtype=torch.int32)
+        params = packed_seq_params(cu, device=torch.device("cpu"))
+        assert params.max_document == bound, (lengths, t, params.max_document)

@@ -165,3 +165,21 @@ def test_clip_on_device_matches_the_host_rule():
     grads = [torch.ones(3)]
     fast_optimizer.clip_on_device(grads, torch.tensor([float("nan")]), 1.0)
     assert torch.equal(grads[0], torch.ones(3))  # NaN coefficient: not < 1, left alone
+
+
+def test_fused_adam_leaves_cpu_parameters_and_other_optimizers_alone():
+    """``use_fused_adam`` switches only Adam/AdamW groups whose parameters are all on CUDA
+    (checked on a GPU: tests/gpu/test_fast_optimizer_gpu.py); the CPU keeps foreach."""
+    from types import SimpleNamespace
+
+    from mbridge.shell.fast_optimizer import use_fused_adam
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    adam = torch.optim.AdamW(params, lr=1e-3)
+    sgd = torch.optim.SGD(params, lr=1e-3)
+    chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=adam),
+                                                  SimpleNamespace(optimizer=sgd),
+                                                  SimpleNamespace(optimizer=None)])
+    before = [dict(g) for g in adam.param_groups + sgd.param_groups]
+    assert use_fused_adam(chained) == 0
+    assert [dict(g) for g in adam.param_groups + sgd.param_groups] == before

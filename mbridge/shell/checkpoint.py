@@ -30,6 +30,7 @@ import torch.distributed as tdist
 from mbridge.io import safe_load
 from mbridge.io.hf import INDEX, CheckpointError
 from mbridge.io.mcore import TRACKER, McoreReader, tracked_step
+from mbridge.shell import fast_optimizer
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.model import unwrap
 from mbridge.train import cadence
@@ -286,6 +287,8 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True,
                 with torch.no_grad():
                     runtime.optimizer.load_state_dict(loaded["optimizer"])
                 _restore_adam_step(runtime.optimizer, loaded["optimizer"])
+                # the kernel is this run's choice, not the saved groups' (a CPU save: foreach)
+                fast_optimizer.use_fused_adam(runtime.optimizer)
             else:  # fp32 master weights from the loaded model weights
                 runtime.optimizer.reload_model_params()
     except (CheckpointError, KeyboardInterrupt, SystemExit):

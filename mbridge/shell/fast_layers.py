@@ -36,9 +36,10 @@ class SDPAttention(DotProductAttention):
         """Packed documents (Megatron-Core's ``thd`` layout: ``[t, np, hn]`` q and
         ``[t, ng, hn]`` k/v, boundaries in ``packed.cu_seqlens_q``): causal attention inside
         each document, ``[t, np * hn]`` out. Megatron-Core's local attention refuses packed
-        input; TE's has a kernel. Here: torch's varlen flash attention on CUDA (one op a
-        compiled layer keeps in its graph), else FlexAttention's document mask or SDPA with
-        a block-diagonal mask (the CPU path)."""
+        input; TE's has a kernel. Here, on CUDA: flash attention over ``cu_seqlens`` for
+        bf16/fp16 (``"varlen"``), FlexAttention's document mask for other dtypes (or when
+        ``PACKED_KERNEL = "flex"``), each one op a compiled layer keeps in its graph; on the
+        CPU, SDPA with a block-diagonal mask."""
         if packed.qkv_format != "thd":
             raise ValueError(f"packed sequences in {packed.qkv_format!r} layout; only 'thd'")
         window = self.scale_mask_softmax.window_size
@@ -58,7 +59,8 @@ class SDPAttention(DotProductAttention):
             t = query.shape[0]
             cu = packed.cu_seqlens_q.to(query.device)
             out = varlen_document_attention(query, key, value, cu, scale=self.softmax_scale,
-                                            left=left)
+                                            left=left,
+                                            longest=getattr(packed, "max_document", None))
             return out.reshape(t, self.hidden_size_per_partition)
         return self._packed_masked(query, key, value, packed, left)
 
@@ -100,61 +102,44 @@ class SDPAttention(DotProductAttention):
         return None, sq > 1
 
 
-PACKED_KERNEL = "auto"  # packed documents: "auto" (flex on CUDA, sdpa on CPU), "varlen",
-# "flex", "sdpa"
-
-
-_VARLEN: tuple | None = None  # (varlen_attn or None, its mask keyword), resolved once
-
-
-def resolve_varlen() -> tuple:
-    """torch's ``varlen_attn`` (flash attention over ``cu_seqlens``) and how it takes a causal
-    mask (``"window_size"`` or ``"is_causal"``), or ``(None, None)`` where this torch lacks
-    it. Resolved outside any compiled region (``packed_seq_params`` calls it first)."""
-    global _VARLEN
-    if _VARLEN is None:
-        try:
-            import inspect
-
-            from torch.nn.attention.varlen import varlen_attn
-            names = set(inspect.signature(varlen_attn).parameters)
-        except ImportError:
-            names = set()
-        mode = "window_size" if "window_size" in names else \
-            "is_causal" if "is_causal" in names else None
-        _VARLEN = (varlen_attn, mode) if mode and {"scale", "enable_gqa"} <= names \
-            else (None, None)
-    return _VARLEN
+PACKED_KERNEL = "auto"  # packed documents: "auto" (varlen for CUDA bf16/fp16, flex for
+# other CUDA dtypes, sdpa on the CPU), "varlen" (flash attention over cu_seqlens, CUDA
+# bf16/fp16), "flex", "sdpa"
 
 
 def packed_kernel(x: torch.Tensor | torch.device) -> str:
-    """The packed-attention kernel for tensors on ``x`` (a tensor or a device)."""
-    if PACKED_KERNEL == "auto":
-        return "flex" if torch.device(x.device if isinstance(x, torch.Tensor) else x).type \
-            == "cuda" else "sdpa"
-    return PACKED_KERNEL
+    """The packed-attention kernel for ``x``: a tensor (its device and dtype decide "auto"),
+    or a device, where "auto" is "flex" only when chosen explicitly (the caller building a
+    FlexAttention block mask ahead asks this)."""
+    if PACKED_KERNEL != "auto":
+        return PACKED_KERNEL
+    if not isinstance(x, torch.Tensor):
+        return "auto" if torch.device(x).type == "cuda" else "sdpa"
+    if not x.is_cuda:
+        return "sdpa"
+    return "varlen" if x.dtype in (torch.bfloat16, torch.float16) else "flex"
 
 
-def varlen_document_attention(q, k, v, cu_seqlens, *, scale, left=None):
+def varlen_document_attention(q, k, v, cu_seqlens, *, scale, left=None, longest=None):
     """Causal attention inside each document of a packed ``[t, heads, hn]`` row (documents
     end at ``cu_seqlens``, int32 on q's device; empty documents allowed), ``left`` tokens
-    back when given, through torch's varlen flash attention: ``[t, heads, hn]`` out. The
-    longest document is bounded by ``t`` (a static bound, so a compiled layer keeps one
-    graph; the kernel skips the empty blocks)."""
-    fn, mode = resolve_varlen()
-    if fn is None:
-        raise RuntimeError("torch.nn.attention.varlen.varlen_attn is not in this torch "
-                           f"({torch.__version__}); use the 'flex' or 'sdpa' packed kernel")
+    back when given, through the flash attention kernel torch builds for CUDA (the one
+    behind SDPA and ``torch.nn.attention.varlen``, called as ``aten._flash_attention_forward``
+    over ``cu_seqlens``: there since torch 2.5, its backward is aten's formula, k/v with fewer
+    heads than q taken as they are): ``[t, heads, hn]`` out. The longest document is bounded
+    by ``longest`` where given, else by ``t`` (a static bound, so a compiled layer keeps one
+    graph; the kernel launches blocks for ``bound`` tokens of every document, and those past
+    a document's end exit at once, but at ``t`` they are most of the launch). CUDA,
+    bf16/fp16 only."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError("the 'varlen' packed kernel (flash attention) needs CUDA bf16/fp16 "
+                           f"tensors, not {q.device.type} {q.dtype}; use 'flex' or 'sdpa'")
     t = q.shape[0]
-    if mode == "window_size":
-        mask = dict(window_size=(-1 if left is None else left, 0))
-    elif left is None:
-        mask = dict(is_causal=True)
-    else:
-        raise NotImplementedError("a sliding window needs varlen_attn's window_size "
-                                  f"(torch {torch.__version__} lacks it); use 'flex'")
-    return fn(q, k, v, cu_seqlens, cu_seqlens, t, t, scale=scale,
-              enable_gqa=q.shape[1] != k.shape[1], **mask)
+    bound = t if longest is None else min(t, longest)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, bound, bound, 0.0, True, False, scale=scale,
+        window_size_left=-1 if left is None else left, window_size_right=0)[0]
 
 
 def document_mask(doc: torch.Tensor, left: int | None = None) -> torch.Tensor:
@@ -351,8 +336,6 @@ def install_thd_rope() -> None:
     by ``shell.forward.packed_seq_params``, i.e. whenever mbridge runs packed rows."""
     global _ORIGINAL_THD_ROPE
     from megatron.core.models.common.embeddings import rope_utils
-
-    resolve_varlen()  # here, outside any compiled layer
 
     if _ORIGINAL_THD_ROPE is None:
         _ORIGINAL_THD_ROPE = rope_utils._apply_rotary_pos_emb_thd

@@ -86,7 +86,8 @@ def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None, device=None):
     entries (an empty document is nothing to the shell's kernels and rope), ``max_seqlen``
     is the static bound ``t + 1`` (the rope tables then cover every position; ``t`` itself
     would read, to Megatron-Core's ``thd`` rope, as positions running on across documents),
-    and where the shell attends through FlexAttention (CUDA) the row's block mask is built
+    ``params.max_document`` bounds the longest document for the flash kernel (a power of
+    two), and where the shell attends through FlexAttention the row's block mask is built
     here, outside any compiled region, as ``params.block_mask``."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -105,6 +106,11 @@ def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None, device=None):
     cu = host.contiguous().to(device, non_blocking=True)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                              max_seqlen_q=longest, max_seqlen_kv=longest, cp_group=cp_group)
+    if not te:  # a bound on the longest document for the flash kernel: a power of two (so
+        # a compiled layer sees few values), at least min(t, 1024); the kernel's grid grows
+        # with it, and t where documents are short wastes most of it on empty blocks
+        real = int((host[1:] - host[:-1]).max()) if n > 1 else 0
+        params.max_document = min(t, max(1024, 1 << max(real - 1, 0).bit_length()))
     if not te and packed_kernel(torch.device(device)) == "flex":
         lengths = (host[1:] - host[:-1]).long()
         doc = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=t)

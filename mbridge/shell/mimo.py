@@ -145,8 +145,12 @@ class MimoRuntime:
             bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16",
             params_dtype=getattr(torch, self.dtype),
             use_distributed_optimizer=o.use_distributed_optimizer)
-        return get_megatron_optimizer(config, chunks, pg_collection=groups.collection,
-                                      use_gloo_process_groups=False)
+        optimizer = get_megatron_optimizer(config, chunks, pg_collection=groups.collection,
+                                           use_gloo_process_groups=False)
+        from mbridge.shell.fast_optimizer import use_fused_adam
+
+        use_fused_adam(optimizer)  # CUDA without Apex/TE: one kernel, not ten
+        return optimizer
 
     def _build_lm(self, name, groups, weights) -> _Module:
         parallel = self.plan.parallel

@@ -20,7 +20,7 @@ import torch.distributed as tdist
 
 from mbridge import keys
 from mbridge.adapters.spec import AdapterSpec
-from mbridge.shell import adapters
+from mbridge.shell import adapters, fast_optimizer
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.dist import Groups
 from mbridge.shell.forward import packed_seq_params
@@ -149,7 +149,9 @@ class MegatronRuntime:
             bf16=dtype == "bfloat16", fp16=dtype == "float16",
             params_dtype=getattr(torch, dtype),
             use_distributed_optimizer=o.use_distributed_optimizer)
-        return get_megatron_optimizer(config, self.model)
+        optimizer = get_megatron_optimizer(config, self.model)
+        fast_optimizer.use_fused_adam(optimizer)  # CUDA without Apex/TE: one kernel, not ten
+        return optimizer
 
     # ---- the Runtime protocol -------------------------------------------------------------
 

@@ -136,8 +136,13 @@ def test_sorted_dispatch_bf16_matches_sequential_and_never_syncs(dirs):
 
 def test_grouped_experts_compile_whole_on_cuda(dirs):
     """The grouped experts under ``torch.compile(fullgraph=True)`` (no graph break: the
-    capability check is a constant, ``torch._grouped_mm`` in the graph) give eager's output
-    and gradients within 1%."""
+    capability check is a constant, ``torch._grouped_mm`` in the graph) hold bf16's accuracy,
+    as eager bf16 does: every output's and gradient's error against the fp32 truth (the same
+    experts cast to fp32, the per-expert loop; error = largest difference over the truth's
+    largest magnitude) within 2%, five bf16 roundings (2**-8 each). Tokens routed to the
+    wrong experts miss that by far (checked). Measured 2026-12-04: compiled 1.0% and eager
+    0.37% on the weight gradient of the expert given one token, whose gradient is one outer
+    product (a bound of twice eager's error failed there; the two round at different steps)."""
     from mbridge.shell.experts import GroupedSequentialMLP
 
     _, _, model = provide(dirs["qwen3_moe"], "bfloat16")
@@ -145,17 +150,30 @@ def test_grouped_experts_compile_whole_on_cuda(dirs):
     g = torch.Generator(device="cuda").manual_seed(1)
     counts = torch.tensor([64, 0, 300, 1, 99, 64, 5, 211], device="cuda")
     x = torch.randn(int(counts.sum()), m.config.hidden_size, device="cuda", generator=g,
-                    dtype=torch.bfloat16, requires_grad=True)
-    probs = torch.rand(x.shape[0], device="cuda", generator=g, requires_grad=True)
-    params = [x, probs, *m.parameters()]
+                    dtype=torch.bfloat16)
+    probs = torch.rand(x.shape[0], device="cuda", generator=g)
 
-    def run(fn):
-        out, _ = fn(x, counts, probs)
-        return [out, *torch.autograd.grad(out.float().square().sum(), params)]
+    def run(fn, module, dtype, counts=counts):
+        xs, ps = x.to(dtype).requires_grad_(), probs.clone().requires_grad_()
+        out, _ = fn(xs, counts, ps)
+        return [out, *torch.autograd.grad(out.float().square().sum(),
+                                          [xs, ps, *module.parameters()])]
 
-    want = run(m)
-    got = run(torch.compile(m, fullgraph=True))
-    assert all(close_bf16(a, b) for a, b in zip(got, want, strict=True))
+    eager = run(m, m, torch.bfloat16)
+    compiled = run(torch.compile(m, fullgraph=True), m, torch.bfloat16)
+    truth = run(m.float(), m, torch.float32)  # bf16 -> fp32 is exact
+    misrouted = run(m, m, torch.float32, counts.roll(1))  # every token to another expert
+    names = ["out", "x", "probs", *(n for n, _ in m.named_parameters())]
+
+    def error(a, b):
+        diff = (a.float() - b.float()).abs().max().item()  # absolute where b is all zeros
+        return diff / (b.float().abs().max().item() or 1.0)  # (an expert given no tokens)
+
+    assert error(misrouted[0], truth[0]) > 0.1  # the bound can fail
+    bad = {n: (round(error(c, t), 4), round(error(e, t), 4))
+           for n, c, e, t in zip(names, compiled, eager, truth, strict=True)
+           if max(error(c, t), error(e, t)) > 0.02}
+    assert not bad, f"(compiled, eager) errors against fp32: {bad}"
 
 
 @pytest.mark.parametrize("name", NAMES + ["qwen3_moe_fast"])
