@@ -183,3 +183,16 @@ def test_fused_adam_leaves_cpu_parameters_and_other_optimizers_alone():
     before = [dict(g) for g in adam.param_groups + sgd.param_groups]
     assert use_fused_adam(chained) == 0
     assert [dict(g) for g in adam.param_groups + sgd.param_groups] == before
+
+
+def test_fused_step_lands_as_float32_on_the_parameters_device():
+    """A resumed run's Adam step (restored on the host, any float dtype) is moved where the
+    fused kernel reads it; on a GPU the whole resume: tests/gpu/test_fast_optimizer_gpu.py."""
+    from mbridge.shell.fast_optimizer import fused_step_on_device
+
+    p = torch.nn.Parameter(torch.ones(2, device="meta"))  # off the host, as a CUDA one is
+    state = {"step": torch.tensor(7.0, dtype=torch.float64)}
+    fused_step_on_device(state, p)
+    assert state["step"].device == p.device and state["step"].dtype == torch.float32
+    fused_step_on_device(None, p)  # no state yet (torch makes it at the first step)
+    fused_step_on_device({}, p)

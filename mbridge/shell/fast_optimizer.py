@@ -212,15 +212,30 @@ def use_fused_adam(optimizer) -> int:
     that was some 20 ms of each step on an H200), where Apex and TE, whose fused Adam
     Megatron-Core would take, are absent. The same update up to float32 rounding (the fused
     kernel orders its arithmetic its own way: tests/gpu/test_fast_optimizer_gpu.py).
-    Parameters on the CPU keep the foreach kernels. Returns the parameter groups switched."""
+    Parameters on the CPU keep the foreach kernels. The fused kernel takes each parameter's
+    step count as a float32 tensor on the parameter's device: state already there (a
+    resumed run's, restored on the host) is moved. Call it again after loading a state.
+    Returns the parameter groups switched."""
     switched = 0
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_opt = getattr(inner, "optimizer", None)
         if type(torch_opt) not in (torch.optim.Adam, torch.optim.AdamW):
             continue  # Apex's or TE's fused Adam, SGD, or none (a stub)
         for group in torch_opt.param_groups:
-            if group["params"] and all(p.is_cuda for p in group["params"]) \
-                    and not group.get("fused"):
+            if not group["params"] or not all(p.is_cuda for p in group["params"]):
+                continue
+            if not group.get("fused"):
                 group.update(fused=True, foreach=False)
                 switched += 1
+            for p in group["params"]:
+                fused_step_on_device(torch_opt.state.get(p), p)
     return switched
+
+
+def fused_step_on_device(state: dict | None, param: torch.Tensor) -> None:
+    """A parameter's Adam ``step`` where torch's fused kernel reads it: a float32 tensor on
+    the parameter's device (torch keeps it on the host for its foreach kernels)."""
+    step = (state or {}).get("step")
+    if isinstance(step, torch.Tensor) and (step.device != param.device
+                                           or step.dtype != torch.float32):
+        state["step"] = step.to(param.device, torch.float32)

@@ -248,6 +248,25 @@ def _readable(message: str) -> str:
     return message.replace("`$.", "`").replace("$.", "")
 
 
+def _choices(key: str) -> tuple | None:
+    """The allowed values of a dotted key whose field is a ``Literal``, else None."""
+    import types
+    import typing
+
+    tp: Any = RunConfig
+    for part in key.split("."):
+        try:
+            tp = typing.get_type_hints(tp).get(part)
+        except TypeError:  # not a struct: a key below a plain value
+            return None
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else None
+        if tp is None:
+            return None
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
 def parse_override(item: str) -> tuple[str, Any, str]:
     """``"train.train_iters=5"`` -> ``("train.train_iters", 5, "5")`` (value read as YAML)."""
     key, sep, raw = item.partition("=")
@@ -332,8 +351,10 @@ def apply_overrides(config: RunConfig, overrides: Iterable[str]) -> RunConfig:
             try:
                 msgspec.convert(data, RunConfig, strict=False)
             except msgspec.ValidationError:
-                raise ConfigError(f"bad value in override {item!r}: {_readable(str(e))}") \
-                    from None
+                choices = _choices(key)
+                hint = f"; expected one of {', '.join(map(repr, choices))}" if choices else ""
+                raise ConfigError(f"bad value in override {item!r}: {_readable(str(e))}"
+                                  f"{hint}") from None
         # an optional section just set (``peft.scheme=lora``) gets its defaults, so the
         # next override can name its other keys
         data = from_dict(data).to_dict()

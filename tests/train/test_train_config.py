@@ -39,7 +39,8 @@ def test_overrides_set_typed_values():
     ("train.iters=5", "unknown config key 'train.iters'; did you mean .*train.train_iters"),
     ("train.train_iters=abc", "Expected `int`, got `str` - at `train.train_iters`"),
     ("optimizer.optimizer=lion", "optimizer.optimizer"),
-    ("mixed_precision=bf16", "mixed_precision"),
+    ("mixed_precision=bf16", "mixed_precision.*expected one of 'fp32', 'bf16_mixed', "
+                             "'fp16_mixed'"),
     ("model.spec.num_heads=3", "num_heads=3 is not divisible"),
     ("train.train_iters", "not key=value"),
     ("train=3", "train"),
