@@ -39,6 +39,10 @@ step moe_fast "${T_FAST:-400}" $py $mt --variants \
   mbridge,mbridge_fast,mbridge_fast_compile,mbridge_stacked,mbridge_stacked_compile --layers 4
 step moe_accum "${T_ACCUM:-300}" $py $mt --variants mbridge_stacked_compile,hf_bf16_compile \
   --layers 4 --micro-batches 4 --steps 3 --warmup 2
+step moe_deep "${T_DEEP:-400}" $py $mt --variants mbridge_stacked_compile,hf_bf16_compile \
+  --layers 8 --micro-batches 4 --steps 4 --warmup 2
+step moe_bf16_grads "${T_BF16G:-200}" $py $mt --variants mbridge_stacked_compile \
+  --layers 4,8 --micro-batches 4 --steps 4 --warmup 2 --bf16-grads
 fi
 if has more; then
 step moe_seq "${T_SEQ:-60}" $py $mt --variants mbridge_seq --layers 4 --steps 2 --warmup 1
