@@ -107,6 +107,9 @@ PACKED_KERNEL = "auto"  # packed documents: "auto" (varlen for CUDA bf16/fp16, f
 # bf16/fp16), "flex", "sdpa"
 
 
+FLASH_DTYPES = (torch.bfloat16, torch.float16)  # what the flash kernel takes
+
+
 def packed_kernel(x: torch.Tensor | torch.device) -> str:
     """The packed-attention kernel for ``x``: a tensor (its device and dtype decide "auto"),
     or a device, where "auto" is "flex" only when chosen explicitly (the caller building a
@@ -117,7 +120,7 @@ def packed_kernel(x: torch.Tensor | torch.device) -> str:
         return "auto" if torch.device(x).type == "cuda" else "sdpa"
     if not x.is_cuda:
         return "sdpa"
-    return "varlen" if x.dtype in (torch.bfloat16, torch.float16) else "flex"
+    return "varlen" if x.dtype in FLASH_DTYPES else "flex"
 
 
 def varlen_document_attention(q, k, v, cu_seqlens, *, scale, left=None, longest=None):
@@ -131,7 +134,7 @@ def varlen_document_attention(q, k, v, cu_seqlens, *, scale, left=None, longest=
     graph; the kernel launches blocks for ``bound`` tokens of every document, and those past
     a document's end exit at once, but at ``t`` they are most of the launch). CUDA,
     bf16/fp16 only."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+    if not q.is_cuda or q.dtype not in FLASH_DTYPES:
         raise RuntimeError("the 'varlen' packed kernel (flash attention) needs CUDA bf16/fp16 "
                            f"tensors, not {q.device.type} {q.dtype}; use 'flex' or 'sdpa'")
     t = q.shape[0]

@@ -99,20 +99,22 @@ def packed_seq_params(cu_seqlens: torch.Tensor, cp_group=None, device=None):
     device = device if device is not None else cu_seqlens.device
     te = have_te()
     t = int(host[-1])
-    longest = int((host[1:] - host[:-1]).max()) if te else t + 1
+    lengths = (host[1:] - host[:-1]).long()
+    real = int(lengths.max()) if lengths.numel() else 0
+    longest = real if te else t + 1
     n = host.numel()
     if not te and n % PACKED_BOUNDARIES:
         host = torch.cat([host, host[-1:].expand(PACKED_BOUNDARIES - n % PACKED_BOUNDARIES)])
     cu = host.contiguous().to(device, non_blocking=True)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                              max_seqlen_q=longest, max_seqlen_kv=longest, cp_group=cp_group)
-    if not te:  # a bound on the longest document for the flash kernel: a power of two (so
-        # a compiled layer sees few values), at least min(t, 1024); the kernel's grid grows
-        # with it, and t where documents are short wastes most of it on empty blocks
-        real = int((host[1:] - host[:-1]).max()) if n > 1 else 0
-        params.max_document = min(t, max(1024, 1 << max(real - 1, 0).bit_length()))
-    if not te and packed_kernel(torch.device(device)) == "flex":
-        lengths = (host[1:] - host[:-1]).long()
+    if te:
+        return params
+    # a bound on the longest document for the flash kernel: a power of two (so a compiled
+    # layer sees few values), at least min(t, 1024); the kernel's grid grows with it, and t
+    # where documents are short wastes most of it on empty blocks
+    params.max_document = min(t, max(1024, 1 << max(real - 1, 0).bit_length()))
+    if packed_kernel(torch.device(device)) == "flex":
         doc = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=t)
         params.block_mask = document_block_mask(doc.to(device, non_blocking=True))
     return params

@@ -42,7 +42,7 @@ from mbridge.shell import data, dist
 from mbridge.shell.cpu_shim import cuda_as_cpu
 from mbridge.shell.fast_layers import use_group_cross_entropy
 from mbridge.shell.model import build_chunks, transformer_config
-from mbridge.shell.runtime import DTYPES, _loss_func, freeze
+from mbridge.shell.runtime import DTYPES, _loss_func, freeze, megatron_optimizer
 from mbridge.shell.vlm import VisionPart
 from mbridge.train import mimo as plan
 from mbridge.train.step import GradStats, LossSum
@@ -134,23 +134,8 @@ class MimoRuntime:
         return _Module(name, wrapped, optimizer, groups, self.mimo.module_parallelisms[name])
 
     def _optimizer(self, chunks, groups):
-        from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
-        from megatron.core.optimizer import get_megatron_optimizer
-
-        o = self.optim_cfg
-        config = McoreOptimizerConfig(
-            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-            sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
-            bf16=self.dtype == "bfloat16", fp16=self.dtype == "float16",
-            params_dtype=getattr(torch, self.dtype),
-            use_distributed_optimizer=o.use_distributed_optimizer)
-        optimizer = get_megatron_optimizer(config, chunks, pg_collection=groups.collection,
-                                           use_gloo_process_groups=False)
-        from mbridge.shell.fast_optimizer import use_fused_adam
-
-        use_fused_adam(optimizer)  # CUDA without Apex/TE: one kernel, not ten
-        return optimizer
+        return megatron_optimizer(self.optim_cfg, self.dtype, chunks,
+                                  pg_collection=groups.collection, use_gloo_process_groups=False)
 
     def _build_lm(self, name, groups, weights) -> _Module:
         parallel = self.plan.parallel

@@ -62,6 +62,24 @@ def _p2p_settings(plan: RunPlan) -> dict:
     return dict(overlap_p2p_comm=interleaved, batch_p2p_comm=not interleaved)
 
 
+def megatron_optimizer(o, dtype: str, chunks, **kwargs):
+    """Megatron-Core's optimizer for the run config's ``optimizer`` section ``o`` over the
+    model ``chunks`` with ``dtype`` parameters (``kwargs`` to ``get_megatron_optimizer``),
+    Adam as torch's fused kernel on CUDA where Apex/TE are absent (one kernel, not ten)."""
+    from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    config = McoreOptimizerConfig(
+        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
+        bf16=dtype == "bfloat16", fp16=dtype == "float16", params_dtype=getattr(torch, dtype),
+        use_distributed_optimizer=o.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(config, chunks, **kwargs)
+    fast_optimizer.use_fused_adam(optimizer)
+    return optimizer
+
+
 class MegatronRuntime:
     """Owns the model chunks and the optimizer; implements the training Runtime protocol."""
 
@@ -138,20 +156,7 @@ class MegatronRuntime:
             c.param_sync_func = c.param_sync_func[0] if one else c.param_sync_func
 
     def _build_optimizer(self, dtype: str):
-        from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
-        from megatron.core.optimizer import get_megatron_optimizer
-
-        o = self.optim_cfg
-        config = McoreOptimizerConfig(
-            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-            sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad,
-            bf16=dtype == "bfloat16", fp16=dtype == "float16",
-            params_dtype=getattr(torch, dtype),
-            use_distributed_optimizer=o.use_distributed_optimizer)
-        optimizer = get_megatron_optimizer(config, self.model)
-        fast_optimizer.use_fused_adam(optimizer)  # CUDA without Apex/TE: one kernel, not ten
-        return optimizer
+        return megatron_optimizer(self.optim_cfg, dtype, self.model)
 
     # ---- the Runtime protocol -------------------------------------------------------------
 
