@@ -24,6 +24,10 @@ matmul rate measured in the same run. Variants:
                    parameter per linear per layer, no per-forward stack, 8 expert params a
                    layer for DDP, clipping and Adam instead of 256 (state dict unchanged)
   mbridge_stacked_compile  mbridge_stacked with compiled layers
+  mbridge_stacked_compile_fused  the same with the stacked experts' weight gradients added
+                   into DDP's buffer in the GEMM (``stack_experts(...,
+                   fuse_wgrad_accumulation=True)``: shell/wgrad.py's Triton kernel) instead
+                   of autograd's gradient added by DDP's hook
   hf_eager         transformers Qwen3MoeForCausalLM (sdpa), fp32 params + bf16 autocast,
                    torch.optim.AdamW(fused=True), clip_grad_norm_(1.0)
   hf_compile       the same model under torch.compile
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+from functools import partial
 
 import torch
 from train_throughput import matmul_tflops, time_steps
@@ -105,7 +110,7 @@ def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = Fals
 
 def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
                     fast: bool = False, compile_: bool = False, stacked: bool = False,
-                    micro_batches: int = 1, grad_fp32: bool = True):
+                    micro_batches: int = 1, grad_fp32: bool = True, fuse_wgrad: bool = False):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -123,12 +128,14 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
     provider.finalize()
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=grad_fp32,
                                         use_distributed_optimizer=True)
-    hook = experts.stack_experts if stacked else None
+    hook = partial(experts.stack_experts, fuse_wgrad_accumulation=fuse_wgrad) if stacked \
+        else None
     model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp,
                                                pre_wrap_hook=hook)
     if stacked:
-        assert all(m.stacked for m in model[0].modules()
-                   if isinstance(m, experts.GroupedSequentialMLP))
+        grouped = [m for m in model[0].modules() if isinstance(m, experts.GroupedSequentialMLP)]
+        assert grouped and all(m.stacked and m.fuse_wgrad_accumulation == fuse_wgrad
+                               for m in grouped)
     from mbridge.shell.fast_layers import use_fused_cross_entropy
 
     use_fused_cross_entropy(model[0].module)
@@ -170,7 +177,9 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
 MBRIDGE = {"mbridge": {}, "mbridge_seq": dict(sequential=True), "mbridge_fast": dict(fast=True),
            "mbridge_fast_compile": dict(fast=True, compile_=True),
            "mbridge_stacked": dict(fast=True, stacked=True),
-           "mbridge_stacked_compile": dict(fast=True, stacked=True, compile_=True)}
+           "mbridge_stacked_compile": dict(fast=True, stacked=True, compile_=True),
+           "mbridge_stacked_compile_fused": dict(fast=True, stacked=True, compile_=True,
+                                                 fuse_wgrad=True)}
 HF = ("hf_eager", "hf_compile", "hf_bf16_eager", "hf_bf16_compile")
 
 

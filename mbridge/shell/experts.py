@@ -24,6 +24,14 @@ weight`` (views of it), so conversion and checkpoints read and write what they d
 (tests/moe/test_moe_stacked.py). Optimizer-state distributed checkpoints of a stacked model
 are not covered by tests.
 
+Stacked experts under Megatron-Core's DDP add their weight gradients into the gradient
+buffer (``main_grad``) in the backward's GEMM, as Megatron-Core's gradient-accumulation
+fusion does for its linears with TE or Apex (``MainGradGroupedLinear``; shell/wgrad.py: a
+Triton kernel on CUDA); DDP's hook then has no add to do. Opt-in
+(``stack_experts(chunks, fuse_wgrad_accumulation=True)``, or the attribute on a module): the
+kernel is checked under Triton's interpreter and its bookkeeping bit for bit on the CPU, but
+it has not yet run on a GPU. Off, autograd's gradient and the hook's add stay.
+
 Expert linears take no tensor-parallel collective here: Megatron-Core marks an expert's
 linears ``explicit_expert_comm`` when EP or expert-TP > 1 (the dispatcher does the
 communication), and at EP = expert-TP = 1 they have none to do. Experts with a LoRA/DoRA
@@ -115,6 +123,10 @@ def per_token(rows: torch.Tensor, offs: torch.Tensor, total: int) -> torch.Tenso
 class GroupedSequentialMLP(SequentialMLP):
     """``SequentialMLP`` with its experts' products grouped (module docstring)."""
 
+    # stacked under DDP: weight gradients added into main_grad by the backward (opt-in:
+    # ``stack_experts(chunks, fuse_wgrad_accumulation=True)``; its speed is unmeasured)
+    fuse_wgrad_accumulation = False
+
     def forward(self, permuted_local_hidden_states: torch.Tensor,
                 tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
         cfg = self.config
@@ -133,17 +145,27 @@ class GroupedSequentialMLP(SequentialMLP):
         offs = torch.cumsum(tokens_per_expert.to(x.device), 0).to(torch.int32)
         fc1 = [e.linear_fc1 for e in self.local_experts]
         fc2 = [e.linear_fc2 for e in self.local_experts]
-        w1 = self._weights(1).transpose(1, 2)  # [E, h, f1]
-        h = grouped_mm(x, w1, offs)
+        h = self._linear(1, x, offs)
         if fc1[0].bias is not None:
             h = h + per_token(torch.stack([m.bias for m in fc1]), offs, x.shape[0])
         h = self._activation(h, probs)
-        w2 = self._weights(2).transpose(1, 2)  # [E, f, h]
-        out = grouped_mm(h, w2, offs)
+        out = self._linear(2, h, offs)
         if fc2[0].bias is not None:  # MLP.forward: an expert's bias is scaled by its prob
             bias = per_token(torch.stack([m.bias for m in fc2]), offs, x.shape[0])
             out = (out + bias * probs.unsqueeze(-1)).to(out.dtype)
         return out, None
+
+    def _linear(self, i: int, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """``linear_fc{i}`` of every expert over its rows. A stacked weight under
+        Megatron-Core's DDP (``main_grad``) adds its gradient into ``main_grad`` in its
+        backward (``MainGradGroupedLinear``; outside a compiled graph) unless
+        ``fuse_wgrad_accumulation`` is off."""
+        w = self._weights(i)  # [E, out, in]
+        if (self.fuse_wgrad_accumulation and self.stacked and w.requires_grad
+                and torch.is_grad_enabled() and hasattr(w, "main_grad")
+                and hasattr(w, "grad_added_to_main_grad")):
+            return _main_grad_linear(x, w, offs)
+        return grouped_mm(x, w.transpose(1, 2), offs)
 
     @property
     def stacked(self) -> bool:
@@ -207,6 +229,40 @@ class GroupedSequentialMLP(SequentialMLP):
         return (h * probs.unsqueeze(-1)).to(h.dtype)
 
 
+class MainGradGroupedLinear(torch.autograd.Function):
+    """``x_e @ weight[e].T`` over each expert's rows (``weight`` [E, out, in], a stacked
+    parameter under Megatron-Core's DDP) whose backward adds the weight gradient into
+    ``weight.main_grad`` in the GEMM (``wgrad.accumulate_grouped_wgrad``) and gives autograd
+    a placeholder, with ``grad_added_to_main_grad`` set so that DDP's hook skips its add:
+    Megatron-Core's gradient-accumulation fusion (``LinearWithGradAccumulationAndAsync
+    Communication``), grouped. The placeholder still reaches the parameter, so DDP's hook
+    runs (and with ``overlap_grad_reduce`` marks the bucket ready)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offs):
+        ctx.save_for_backward(x, offs)
+        ctx.weight = weight
+        return grouped_mm(x, weight.transpose(1, 2), offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from mbridge.shell.wgrad import accumulate_grouped_wgrad
+
+        x, offs = ctx.saved_tensors
+        weight, ctx.weight = ctx.weight, None
+        grad = grad.contiguous()
+        dx = grouped_mm(grad, weight, offs) if ctx.needs_input_grad[0] else None
+        accumulate_grouped_wgrad(weight.main_grad, grad, x, offs)
+        weight.grad_added_to_main_grad = True
+        zero = getattr(weight, "zero_out_wgrad", False)  # as Megatron-Core's linear
+        return dx, (torch.zeros_like if zero else torch.empty_like)(weight), None
+
+
+@torch.compiler.disable  # a compiled layer calls out here: the backward writes main_grad
+def _main_grad_linear(x, weight, offs):
+    return MainGradGroupedLinear.apply(x, weight, offs)
+
+
 def _expert_view(owner: GroupedSequentialMLP, i: int, j: int):
     """A state-dict hook of expert ``j``'s ``linear_fc{i}``: its ``weight`` entry, a view of
     the stacked parameter (detached, as ``state_dict`` gives; it shares the storage, so a
@@ -236,9 +292,12 @@ def _load_per_expert(module, state_dict, prefix, local_metadata, strict, missing
             state_dict[f"{prefix}weight{i}"] = torch.stack([state_dict.pop(n) for n in names])
 
 
-def stack_experts(chunks) -> None:
+def stack_experts(chunks, fuse_wgrad_accumulation: bool = False) -> None:
     """A pre-wrap hook (``provide_distributed_model(pre_wrap_hook=stack_experts)``: before
     DDP, whose buffers then hold one parameter per linear per layer): stack the grouped
-    experts' weights wherever ``GroupedSequentialMLP.stack`` applies (``.stacked`` says)."""
+    experts' weights wherever ``GroupedSequentialMLP.stack`` applies (``.stacked`` says).
+    ``fuse_wgrad_accumulation``: the stacked weights' gradients go into DDP's buffer in the
+    backward (module docstring; ``functools.partial`` makes the hook)."""
     for m in (m for c in chunks for m in c.modules() if isinstance(m, GroupedSequentialMLP)):
-        m.stack()
+        if m.stack():
+            m.fuse_wgrad_accumulation = fuse_wgrad_accumulation

@@ -8,6 +8,7 @@ DDP, the distributed optimizer and Megatron-Core's schedule whose loss falls.
 """
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,7 @@ def test_grouped_experts_compile_whole_on_cuda(dirs):
     assert not bad, f"(compiled, eager) errors against fp32: {bad}"
 
 
-@pytest.mark.parametrize("name", NAMES + ["qwen3_moe_fast"])
+@pytest.mark.parametrize("name", NAMES + ["qwen3_moe_fast", "qwen3_moe_fused"])
 def test_training_loss_falls(name, dirs):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -186,9 +187,13 @@ def test_training_loss_falls(name, dirs):
     from mbridge.shell.experts import stack_experts
 
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    fast = name.endswith("_fast")  # the sync-free path: sorted dispatch, stacked experts
-    bridge, _, model = provide(dirs[name.removesuffix("_fast")], "bfloat16", wrap_with_ddp=True,
-                               ddp_config=ddp, pre_wrap_hook=stack_experts if fast else None)
+    # the sync-free path: sorted dispatch, stacked experts (fused: their weight gradients
+    # added into DDP's buffer by shell/wgrad.py's Triton kernel)
+    base, _, kind = name.partition("_moe_")
+    fast = kind in ("fast", "fused")
+    hook = partial(stack_experts, fuse_wgrad_accumulation=kind == "fused") if fast else None
+    bridge, _, model = provide(dirs[f"{base}_moe" if fast else name], "bfloat16",
+                               wrap_with_ddp=True, ddp_config=ddp, pre_wrap_hook=hook)
     if fast:
         assert use_sorted_dispatch(model[0]) > 0
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, bf16=True,

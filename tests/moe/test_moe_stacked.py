@@ -7,11 +7,14 @@ either direction between stacked and per-expert models. A training pass gives th
 and gradients bit for bit (the stacked gradient is the per-expert ones, stacked), and three
 steps with DDP and the distributed optimizer give the same losses and exported weights
 bit for bit without clipping (Adam is elementwise), within 1e-6 with clipping (the gradient
-norm sums per parameter, in another grouping). Layouts it does not serve (biased experts:
-GPT-OSS) keep per-expert parameters.
+norm sums per parameter, in another grouping); with ``fuse_wgrad_accumulation`` the stacked
+weights' gradients are added into DDP's buffer by their backward (``MainGradGroupedLinear``,
+the CPU loop of shell/wgrad.py), and the buffers hold what autograd and DDP's hook put there.
+Layouts it does not serve (biased experts: GPT-OSS) keep per-expert parameters.
 """
 
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -135,7 +138,7 @@ def test_load_state_dict_and_dist_checkpoint_both_ways(moe_dirs, tmp_path):
         assert all(torch.equal(loaded[k], reference[k]) for k in reference), d
 
 
-def train_steps(model_dir, stack: bool, clip: float, steps: int = 3):
+def train_steps(model_dir, stack: bool, clip: float, steps: int = 3, fuse: bool = False):
     """Losses of ``steps`` optimizer steps with DDP and the distributed optimizer (fp32),
     and the model's state dict afterwards."""
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
@@ -154,8 +157,9 @@ def train_steps(model_dir, stack: bool, clip: float, steps: int = 3):
     provider.extra_config.update(moe_aux_loss_coeff=1e-2)
     provider.finalize()
     ddp = DistributedDataParallelConfig(use_distributed_optimizer=True)
-    model = provider.provide_distributed_model(
-        wrap_with_ddp=True, ddp_config=ddp, pre_wrap_hook=stack_experts if stack else None)
+    hook = partial(stack_experts, fuse_wgrad_accumulation=fuse) if stack else None
+    model = provider.provide_distributed_model(wrap_with_ddp=True, ddp_config=ddp,
+                                               pre_wrap_hook=hook)
     model[0].config.finalize_model_grads_func = finalize_model_grads
     with cuda_as_cpu():
         opt = get_megatron_optimizer(OptimizerConfig(
@@ -181,14 +185,20 @@ def train_steps(model_dir, stack: bool, clip: float, steps: int = 3):
         assert ok
         losses.append(out[0]["loss"])
     state = {k: v.clone() for k, v in model[0].module.state_dict().items() if v is not None}
+    stacked = [m for m in model[0].modules() if isinstance(m, GroupedSequentialMLP)
+               and m.stacked]
+    # fused: the stacked weights' gradients went into DDP's buffer in their backward
+    assert bool(stacked) == stack and all(
+        m.weight1.grad_added_to_main_grad == m.weight2.grad_added_to_main_grad == fuse
+        for m in stacked)
     return torch.stack(losses), state
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("clip", [0.0, 1e-2])
-def test_stacked_training_steps_match(clip, moe_dirs):
-    (want, want_state), (got, got_state) = (train_steps(moe_dirs["qwen3_moe"], s, clip)
-                                            for s in (False, True))
+@pytest.mark.parametrize("clip, fuse", [(0.0, False), (0.0, True), (1e-2, True)])
+def test_stacked_training_steps_match(clip, fuse, moe_dirs):
+    want, want_state = train_steps(moe_dirs["qwen3_moe"], False, clip)
+    got, got_state = train_steps(moe_dirs["qwen3_moe"], True, clip, fuse=fuse)
     assert want[-1] < want[0]  # it trained
     assert got_state.keys() == want_state.keys()
     if clip == 0.0:
