@@ -269,6 +269,14 @@ def load(path: Path, runtime, *, optim: bool = True, rng: bool = True,
         held = "adapters only" if common.get("adapters_only") else "the whole model"
         raise CheckpointError(f"{path} holds {held}; set peft.adapters_only_checkpoint="
                               f"{str(not adapters_only).lower()} to resume from it")
+    saved = (common.get("run_config") or {}).get("model", {}).get("moe_stacked_experts", False)
+    stacked = getattr(getattr(runtime, "model_cfg", None), "moe_stacked_experts", False)
+    if optim and bool(saved) != bool(stacked):
+        # the same elements in another order in DDP's buffers: the optimizer state would
+        # load into the wrong parameters without a word
+        raise CheckpointError(f"the optimizer state of {path} was saved with "
+                              f"model.moe_stacked_experts={str(bool(saved)).lower()}: resume "
+                              "with the same value, or set checkpoint.load_optim=false")
     saved_world = common.get("world_size")
     rng = rng and saved_world in (None, tdist.get_world_size())
     state = sharded_state_dict(runtime, loading=True, optim=optim, rng=rng,

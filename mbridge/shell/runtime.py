@@ -53,6 +53,47 @@ def freeze(chunks: list, *, model: ModelConfig) -> None:
                 param.requires_grad_(False)
 
 
+def stack_moe_experts(chunks: list, *, fuse: bool) -> None:
+    """A pre-wrap hook (``model.moe_stacked_experts``): every MoE layer's experts held as one
+    parameter per linear (``experts.stack_experts``; ``fuse``: their weight gradients added
+    into DDP's buffer by the backward). ConfigError where a layer's experts cannot be."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from mbridge.shell.experts import GroupedSequentialMLP, stack_experts
+    from mbridge.train.config import ConfigError
+
+    stack_experts(chunks, fuse_wgrad_accumulation=fuse)
+    kept = [type(m.experts).__name__ for c in chunks for m in c.modules()
+            if isinstance(m, MoELayer) and not (isinstance(m.experts, GroupedSequentialMLP)
+                                                and m.experts.stacked)]
+    if kept:
+        raise ConfigError(
+            f"model.moe_stacked_experts=true, but the experts of {len(kept)} MoE layers "
+            f"({kept[0]}) cannot be stacked: Transformer Engine's grouped experts, experts "
+            "with biases (GPT-OSS), with LoRA/DoRA adapters, fp8 or a single expert keep "
+            "their own parameters; set model.moe_stacked_experts=false")
+
+
+def sorted_moe_dispatch(chunk, *, required: bool) -> int:
+    """``dispatch.use_sorted_dispatch`` on every MoE layer of ``chunk`` it serves (the
+    static-shape dispatcher: no host sync; the same routing and sums as Megatron-Core's);
+    ``required`` (``model.moe_sorted_dispatch=true``): ConfigError naming why a layer it
+    cannot serve. Returns how many layers it swapped."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from mbridge.shell.dispatch import serves, use_sorted_dispatch
+    from mbridge.train.config import ConfigError
+
+    if required:
+        for layer in (m for m in chunk.modules() if isinstance(m, MoELayer)):
+            d = layer.token_dispatcher
+            why = serves(layer.config, d.ep_size, d.tp_size)
+            if why is not None and type(d).__name__ != "SortedTokenDispatcher":
+                raise ConfigError(f"model.moe_sorted_dispatch=true, but a MoE layer cannot "
+                                  f"take it: {why}; leave model.moe_sorted_dispatch null")
+    return use_sorted_dispatch(chunk)
+
+
 def _p2p_settings(plan: RunPlan) -> dict:
     """Interleaved pipelining overlaps its sends and receives (Megatron-LM's default), which
     also makes PP=2 correct: batched P2P there sends to "next" and "prev" on the same peer in
@@ -105,6 +146,8 @@ class MegatronRuntime:
         hook = [partial(freeze, model=model)]
         if peft is not None:
             hook.append(partial(adapters.apply, adapter=peft, spec=spec, seed=seed))
+        if m.moe_stacked_experts:  # after the adapters: experts carrying one stay per expert
+            hook.append(partial(stack_moe_experts, fuse=m.moe_fuse_wgrad_accumulation))
         self.peft = peft
         self.model = provide(spec, plan.parallel, groups, weights=weights, dtype=dtype,
                              config_extra=extra, wrap_with_ddp=True,
@@ -117,13 +160,16 @@ class MegatronRuntime:
         self.config.grad_scale_func = self.optimizer.scale_loss  # fp16 loss scaling
 
     def _speed_up(self, m) -> None:
-        """The one-GPU fast path the run config asks for (benchmarks/train_throughput.py)."""
+        """The one-GPU fast path the run config asks for (benchmarks/train_throughput.py,
+        benchmarks/moe_throughput.py)."""
         from mbridge.shell.fast_layers import compile_layers, use_fused_cross_entropy
 
         fused = m.compiled_cross_entropy
         if fused is None:
             fused = torch.cuda.is_available() and m.tensor_model_parallel_size == 1
         for chunk in self.model:
+            if m.moe_sorted_dispatch is not False:  # before compiling: the layers change
+                sorted_moe_dispatch(chunk, required=m.moe_sorted_dispatch is True)
             gpt = language_model(chunk.module)
             if fused and gpt.post_process:
                 use_fused_cross_entropy(gpt)

@@ -58,6 +58,14 @@ class ModelConfig(Section, frozen=True, kw_only=True):
     # (None: on with CUDA at TP=1), and each transformer layer under torch.compile
     compiled_cross_entropy: bool | None = None
     compile_layers: bool = False
+    # mixture of experts at expert-parallel and expert-TP size 1 (README, One GPU): the
+    # static-shape token dispatcher (None: in every MoE layer it serves), each layer's
+    # experts held as one parameter per linear (the optimizer checkpoint's layout changes
+    # with it: resume with the same value), and their weight gradients added into DDP's
+    # buffer by the backward's GEMM (needs moe_stacked_experts)
+    moe_sorted_dispatch: bool | None = None
+    moe_stacked_experts: bool = False
+    moe_fuse_wgrad_accumulation: bool = False
     # vision-language models: parts left as loaded (no gradient, no optimizer state)
     freeze_language_model: bool = False
     freeze_vision_model: bool = False

@@ -103,6 +103,17 @@ def check_sections(cfg: RunConfig) -> None:
     _check(m.compiled_cross_entropy is not True or m.tensor_model_parallel_size == 1,
            "model.compiled_cross_entropy=true needs model.tensor_model_parallel_size=1 (larger "
            "TP keeps Megatron-Core's vocab-parallel cross entropy)")
+    _check(not m.moe_fuse_wgrad_accumulation or m.moe_stacked_experts,
+           "model.moe_fuse_wgrad_accumulation=true needs model.moe_stacked_experts=true (the "
+           "fused add writes each layer's stacked expert gradient)")
+    _check(not m.moe_stacked_experts or (m.expert_model_parallel_size == 1
+                                         and m.expert_tensor_parallel_size == 1),
+           "model.moe_stacked_experts=true needs model.expert_model_parallel_size=1 and "
+           "model.expert_tensor_parallel_size=1")
+    _check(m.moe_sorted_dispatch is not True or (m.expert_model_parallel_size == 1
+                                                 and m.expert_tensor_parallel_size == 1),
+           "model.moe_sorted_dispatch=true needs model.expert_model_parallel_size=1 and "
+           "model.expert_tensor_parallel_size=1 (leave it null: where it serves)")
     split_shares(d.split)
     lr_schedule.from_config(cfg)
 
@@ -117,6 +128,11 @@ def plan_run(cfg: RunConfig, spec: ModelSpec, world_size: int) -> RunPlan:
         stage_layer_counts(spec.num_layers, parallel)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    moe_keys = [k for k in ("moe_sorted_dispatch", "moe_stacked_experts",
+                            "moe_fuse_wgrad_accumulation") if getattr(cfg.model, k) is True]
+    _check(spec.moe is not None or not moe_keys,
+           f"model.{moe_keys[0] if moe_keys else ''}=true, but {spec.architecture} has no "
+           "mixture-of-experts layers")
     _check(cfg.model.seq_length <= spec.max_position_embeddings,
            f"model.seq_length={cfg.model.seq_length} is longer than the model's "
            f"max_position_embeddings={spec.max_position_embeddings}; lower model.seq_length")

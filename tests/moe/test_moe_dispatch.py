@@ -2,11 +2,12 @@
 expert-TP = 1, on real Megatron-Core models (fp32, CPU), one training pass each: against
 Megatron-Core's own dispatcher with the same (grouped) experts, the loss, the aux and z losses
 Megatron-Core's router logs and every parameter's gradient are bit-for-bit equal (the same
-rows in the same order, the same ``scatter_add``); against Megatron-Core's dispatcher with its
-``SequentialMLP`` experts, within 1e-5 of each tensor's largest magnitude (the expert GEMMs
-sum in another order). Routers covered: softmax top-k with and without renormalisation, a
-gated shared expert, grouped sigmoid routing with an expert bias and scaling, biased clamped
-experts (GPT-OSS; SequentialMLP cannot backpropagate those at EP = 1, test_moe_experts.py).
+rows in the same order, each token's rows summed in the order ``scatter_add`` sums them);
+against Megatron-Core's dispatcher with its ``SequentialMLP`` experts, within 1e-5 of each
+tensor's largest magnitude (the expert GEMMs sum in another order). Routers covered: softmax
+top-k with and without renormalisation, a gated shared expert, grouped sigmoid routing with
+an expert bias and scaling, biased clamped experts (GPT-OSS; SequentialMLP cannot
+backpropagate those at EP = 1, test_moe_experts.py).
 """
 
 import types

@@ -97,6 +97,14 @@ def test_finetune_recipes_plan(name, spec, world):
     (["train.train_iters=0"], 1, "train_iters=0 must be positive"),
     (["model.compiled_cross_entropy=true", "model.tensor_model_parallel_size=2"], 2,
      "compiled_cross_entropy=true needs model.tensor_model_parallel_size=1"),
+    (["model.moe_fuse_wgrad_accumulation=true"], 1,
+     "moe_fuse_wgrad_accumulation=true needs model.moe_stacked_experts=true"),
+    (["model.moe_stacked_experts=true", "model.expert_model_parallel_size=2"], 2,
+     "moe_stacked_experts=true needs model.expert_model_parallel_size=1"),
+    (["model.moe_sorted_dispatch=true", "model.expert_tensor_parallel_size=2"], 2,
+     "moe_sorted_dispatch=true needs model.expert_model_parallel_size=1"),
+    (["model.moe_stacked_experts=true"], 1,
+     "moe_stacked_experts=true, but LlamaForCausalLM has no mixture-of-experts layers"),
 ])
 def test_inconsistent_configs_fail_in_planning(overrides, world, message):
     cfg = apply_overrides(recipes.tiny_llama_pretrain(), overrides)
