@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one-GPU MoE checks and measurements in one call (device time is scarce), each step under
 # its own time limit; results go to $OUT (default ./out/moe_gpu):
-#   bash benchmarks/moe_gpu.sh [checks] [throughput] [more]   (default: all three)
+#   bash benchmarks/moe_gpu.sh [checks] [throughput] [more] [fused]   (default: all four)
 # Needs CUDA torch, transformers and megatron-core (on the lent GPU machine: the wheels of
 # ../shared/gpu/wheels.sh, plus pytest and its dependencies, on PYTHONPATH).
 set -uo pipefail
-phases=${*:-checks throughput more}
+phases=${*:-checks throughput more fused}
 has() { [[ " $phases " == *" $1 "* ]]; }
 out=${OUT:-out/moe_gpu}
 mkdir -p "$out"
@@ -43,6 +43,14 @@ step moe_deep "${T_DEEP:-400}" $py $mt --variants mbridge_stacked_compile,hf_bf1
   --layers 8 --micro-batches 4 --steps 4 --warmup 2
 step moe_bf16_grads "${T_BF16G:-200}" $py $mt --variants mbridge_stacked_compile \
   --layers 4,8 --micro-batches 4 --steps 4 --warmup 2 --bf16-grads
+fi
+if has fused; then  # the experts' weight gradients added into DDP's buffer by a Triton kernel
+step wgrad_tests "${T_WGRAD:-150}" $py -m pytest -q -p no:cacheprovider tests/gpu/test_wgrad_gpu.py \
+  "tests/gpu/test_moe_gpu.py::test_training_loss_falls"
+step wgrad_kernel "${T_WGRADK:-90}" $py benchmarks/grouped_wgrad.py
+step moe_fused "${T_FUSED:-400}" $py $mt --variants \
+  hf_bf16_compile,mbridge_stacked_compile,mbridge_stacked_compile_fused --layers 4 \
+  --micro-batches 4 --steps 4 --warmup 2
 fi
 if has more; then
 step moe_seq "${T_SEQ:-60}" $py $mt --variants mbridge_seq --layers 4 --steps 2 --warmup 1

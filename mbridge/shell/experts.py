@@ -249,7 +249,7 @@ class MainGradGroupedLinear(torch.autograd.Function):
         from mbridge.shell.wgrad import accumulate_grouped_wgrad
 
         x, offs = ctx.saved_tensors
-        weight, ctx.weight = ctx.weight, None
+        weight = ctx.weight
         grad = grad.contiguous()
         dx = grouped_mm(grad, weight, offs) if ctx.needs_input_grad[0] else None
         accumulate_grouped_wgrad(weight.main_grad, grad, x, offs)
