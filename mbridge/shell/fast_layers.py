@@ -102,9 +102,9 @@ class SDPAttention(DotProductAttention):
         return None, sq > 1
 
 
-PACKED_KERNEL = "auto"  # packed documents: "auto" (varlen for CUDA bf16/fp16, flex for
-# other CUDA dtypes, sdpa on the CPU), "varlen" (flash attention over cu_seqlens, CUDA
-# bf16/fp16), "flex", "sdpa"
+PACKED_KERNEL = "auto"  # packed documents: "auto" (varlen for CUDA bf16/fp16 on Ampere or
+# newer, flex for other CUDA dtypes and GPUs, sdpa on the CPU), "varlen" (flash attention
+# over cu_seqlens, CUDA bf16/fp16, compute capability 8.0+), "flex", "sdpa"
 
 
 FLASH_DTYPES = (torch.bfloat16, torch.float16)  # what the flash kernel takes
@@ -120,7 +120,14 @@ def packed_kernel(x: torch.Tensor | torch.device) -> str:
         return "auto" if torch.device(x).type == "cuda" else "sdpa"
     if not x.is_cuda:
         return "sdpa"
-    return "varlen" if x.dtype in FLASH_DTYPES else "flex"
+    return "varlen" if x.dtype in FLASH_DTYPES and _ampere_or_newer(x.device.index) else "flex"
+
+
+@torch.compiler.assume_constant_result  # a compiled layer takes the answer as a constant
+def _ampere_or_newer(index: int | None) -> bool:
+    """Whether the GPU runs torch's flash attention kernel (compute capability 8.0+; older
+    ones take FlexAttention)."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def varlen_document_attention(q, k, v, cu_seqlens, *, scale, left=None, longest=None):
