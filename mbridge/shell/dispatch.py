@@ -155,19 +155,30 @@ def serves(config, ep_size: int, expert_tp_size: int) -> str | None:
     return next((why for why, hit in reasons.items() if hit), None)
 
 
+def _unswapped(model: torch.nn.Module):
+    """(layer, why it cannot be served or None) for every MoE layer of ``model`` without a
+    ``SortedTokenDispatcher``."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for layer in model.modules():
+        old = getattr(layer, "token_dispatcher", None)
+        if isinstance(layer, MoELayer) and not isinstance(old, SortedTokenDispatcher):
+            yield layer, serves(layer.config, old.ep_size, old.tp_size)
+
+
+def unserved(model: torch.nn.Module) -> list[str]:
+    """Why ``use_sorted_dispatch`` leaves each MoE layer of ``model`` it leaves."""
+    return [why for _, why in _unswapped(model) if why is not None]
+
+
 def use_sorted_dispatch(model: torch.nn.Module) -> int:
     """Give every MoE layer of ``model`` (a GPTModel chunk, DDP-wrapped or not) that it
     serves a ``SortedTokenDispatcher``; returns how many layers it swapped."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
     swapped = 0
-    for layer in model.modules():
-        if not isinstance(layer, MoELayer):
+    for layer, why in list(_unswapped(model)):
+        if why is not None:
             continue
         old = layer.token_dispatcher
-        if isinstance(old, SortedTokenDispatcher) or serves(
-                layer.config, old.ep_size, old.tp_size) is not None:
-            continue
         layer.token_dispatcher = SortedTokenDispatcher(
             layer.num_local_experts, layer.local_expert_indices, config=layer.config,
             pg_collection=SimpleNamespace(  # the groups the base class reads

@@ -43,6 +43,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from mbridge.shell.wgrad import accumulate_grouped_wgrad, group_counts, looped_wgrad
+
 
 def grouped_mm_usable(x: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` serves these inputs: CUDA, bf16, compute capability 9.0
@@ -73,19 +75,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 def looped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``grouped_mm`` as a loop of products: [T, k] x [G, k, n] -> [T, n]. One opaque op, so
     a compiled graph keeps it whole (the group sizes it reads on the host are its own)."""
-    parts = torch.split(x, _counts(offs))
+    parts = torch.split(x, group_counts(offs))
     return torch.cat([p @ w[j] for j, p in enumerate(parts)], dim=0)
 
 
 @torch.library.custom_op("mbridge::looped_mm_wgrad", mutates_args=())
 def looped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """The weight gradient of ``looped_mm``: ``x_j^T @ grad_j`` per group, [G, k, n]."""
-    pairs = zip(torch.split(x, _counts(offs)), torch.split(grad, _counts(offs)), strict=True)
-    return torch.stack([a.T @ b for a, b in pairs])
-
-
-def _counts(offs: torch.Tensor) -> list[int]:
-    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return looped_wgrad(x, grad, offs)
 
 
 @looped_mm.register_fake
@@ -246,8 +243,6 @@ class MainGradGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from mbridge.shell.wgrad import accumulate_grouped_wgrad
-
         x, offs = ctx.saved_tensors
         weight = ctx.weight
         grad = grad.contiguous()

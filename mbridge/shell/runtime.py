@@ -79,18 +79,12 @@ def sorted_moe_dispatch(chunk, *, required: bool) -> int:
     static-shape dispatcher: no host sync; the same routing and sums as Megatron-Core's);
     ``required`` (``model.moe_sorted_dispatch=true``): ConfigError naming why a layer it
     cannot serve. Returns how many layers it swapped."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    from mbridge.shell.dispatch import serves, use_sorted_dispatch
+    from mbridge.shell.dispatch import unserved, use_sorted_dispatch
     from mbridge.train.config import ConfigError
 
-    if required:
-        for layer in (m for m in chunk.modules() if isinstance(m, MoELayer)):
-            d = layer.token_dispatcher
-            why = serves(layer.config, d.ep_size, d.tp_size)
-            if why is not None and type(d).__name__ != "SortedTokenDispatcher":
-                raise ConfigError(f"model.moe_sorted_dispatch=true, but a MoE layer cannot "
-                                  f"take it: {why}; leave model.moe_sorted_dispatch null")
+    if required and (why := unserved(chunk)):
+        raise ConfigError(f"model.moe_sorted_dispatch=true, but a MoE layer cannot take it: "
+                          f"{why[0]}; leave model.moe_sorted_dispatch null")
     return use_sorted_dispatch(chunk)
 
 

@@ -38,10 +38,20 @@ def accumulate_grouped_wgrad(main_grad: torch.Tensor, grad: torch.Tensor, x: tor
     if triton_usable(main_grad, grad, x):
         _triton_accumulate(main_grad, grad, x, offs)
         return
-    counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    for e, (g, a) in enumerate(zip(torch.split(grad, counts), torch.split(x, counts),
-                                   strict=True)):
-        main_grad[e].add_((a.T @ g).T)  # looped_mm_wgrad's product, as the hook adds it
+    main_grad.add_(looped_wgrad(x, grad, offs).transpose(1, 2))  # as autograd + the hook
+
+
+def group_counts(offs: torch.Tensor) -> list[int]:
+    """Rows per group from cumulative ``offs`` (read on the host)."""
+    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+
+
+def looped_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x_j^T @ grad_j`` for each group ``j`` of rows, [G, k, n]: a loop of products (the
+    weight gradient of ``experts.looped_mm``)."""
+    counts = group_counts(offs)
+    pairs = zip(torch.split(x, counts), torch.split(grad, counts), strict=True)
+    return torch.stack([a.T @ b for a, b in pairs])
 
 
 def triton_usable(main_grad: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> bool:

@@ -106,12 +106,11 @@ def check_sections(cfg: RunConfig) -> None:
     _check(not m.moe_fuse_wgrad_accumulation or m.moe_stacked_experts,
            "model.moe_fuse_wgrad_accumulation=true needs model.moe_stacked_experts=true (the "
            "fused add writes each layer's stacked expert gradient)")
-    _check(not m.moe_stacked_experts or (m.expert_model_parallel_size == 1
-                                         and m.expert_tensor_parallel_size == 1),
+    experts_whole = m.expert_model_parallel_size == 1 and m.expert_tensor_parallel_size == 1
+    _check(not m.moe_stacked_experts or experts_whole,
            "model.moe_stacked_experts=true needs model.expert_model_parallel_size=1 and "
            "model.expert_tensor_parallel_size=1")
-    _check(m.moe_sorted_dispatch is not True or (m.expert_model_parallel_size == 1
-                                                 and m.expert_tensor_parallel_size == 1),
+    _check(m.moe_sorted_dispatch is not True or experts_whole,
            "model.moe_sorted_dispatch=true needs model.expert_model_parallel_size=1 and "
            "model.expert_tensor_parallel_size=1 (leave it null: where it serves)")
     split_shares(d.split)
