@@ -4,9 +4,9 @@ against the floor of reading and writing the same bytes with safetensors, in one
 A synthetic bf16 Llama is written directly as random safetensors shards (<= 5 GB each, with
 an index json; no HF model is instantiated), then each phase runs in a fresh process, whose
 wall time and peak RSS (``ru_maxrss``: anonymous and file-backed pages alike) are measured;
-floor, import and export run ``--rounds`` times, interleaved, and the report gives every
-wall time, the ratios of the best and of the median times to the floor's, and the largest
-peak RSS (the machine is shared and disk-bound, so single timings are noisy):
+floor, import, export (and online) run ``--rounds`` times, interleaved, and the report gives
+every wall time, the ratios of the best and of the median times to the floor's, and the
+largest peak RSS (the machine is shared and disk-bound, so single timings are noisy):
 
   floor    read every tensor with safetensors (``safe_open``/``get_tensor``) and write it
            back with safetensors (``save_file``, one file per input shard)
@@ -16,8 +16,8 @@ peak RSS (the machine is shared and disk-bound, so single timings are noisy):
            (bf16, TP=1) -> ``provide_distributed_model`` -> ``save_hf_pretrained``; run only
            when the bf16 model plus the writer's 5 GB shard buffer fits in RAM
 
-The first round's export is compared with the input tensor by tensor (torch.equal, dtype,
-key set).
+The first round's export (and online output) is compared with the input tensor by tensor
+(torch.equal, dtype, key set).
 
 ``--gpu`` measures the online path on one GPU instead, in one process, each step timed with
 the GPU synchronised (the source is read once first, so every step sees a warm page cache):
@@ -316,7 +316,12 @@ def run(args) -> None:
                          f"{free / GiB:.0f} GiB")
     py, cli = [sys.executable, __file__, "--phase"], [sys.executable, "-m", "mbridge", "convert"]
     mc, out = work / "mcore", work / "out"
+    ram = psutil.virtual_memory().total
+    fits = total + 5 * 10**9 + 4 * GiB < ram
+    with_online = args.online == "yes" or (args.online == "auto" and fits)
     rows: dict[str, list] = {"floor": [], "import": [], "export": []}
+    if with_online:
+        rows["online"] = []
     exact = True
     for k in range(args.rounds):  # interleaved, so load from other tenants hits all phases
         rows["floor"].append(measure([*py, "floor", str(src), str(out)]))
@@ -329,11 +334,11 @@ def run(args) -> None:
             exact = same_tensors(src, out)
         shutil.rmtree(out)
         shutil.rmtree(mc)
-    ram = psutil.virtual_memory().total
-    fits = total + 5 * 10**9 + 4 * GiB < ram
-    if args.online == "yes" or (args.online == "auto" and fits):
-        rows["online"] = [measure([*py, "online", str(src), str(out)])]
-        shutil.rmtree(out)
+        if with_online:
+            rows["online"].append(measure([*py, "online", str(src), str(out)]))
+            if k == 0:
+                exact = exact and same_tensors(src, out)
+            shutil.rmtree(out)
     shutil.rmtree(work)
     report(args, rows, total, largest, exact, ram, fits)
 
@@ -346,7 +351,7 @@ def report(args, rows, total, largest, exact, ram, fits) -> None:
     print(f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"{ram / GiB:.0f} GiB RAM, torch {torch.__version__}, python {platform.python_version()}")
     print(f"command: python benchmarks/convert.py --size {args.size} --workdir {args.workdir} "
-          f"--rounds {args.rounds}\n")
+          f"--rounds {args.rounds} --online {args.online}\n")
     print("| phase | runs: wall s | best / floor | median / floor | GiB/s (best) "
           "| peak RSS GiB (max) | RSS bound GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -356,7 +361,8 @@ def report(args, rows, total, largest, exact, ram, fits) -> None:
         print(f"| {name} | {walls} | {best[name] / best['floor']:.2f} "
               f"| {median[name] / median['floor']:.2f} | {total / GiB / best[name]:.2f} "
               f"| {max(r for _, r in runs):.2f} | {check} |")
-    print(f"\nexport identical to the input (torch.equal, dtype, keys), first round: {exact}")
+    print(f"\nexport{' and online output' if 'online' in rows else ''} identical to the input "
+          f"(torch.equal, dtype, keys), first round: {exact}")
     if "online" not in rows:
         print(f"online path skipped: the bf16 model ({total / GiB:.1f} GiB) plus the writer's "
               f"5 GB shard buffer does not fit in {ram / GiB:.0f} GiB of RAM" if not fits else

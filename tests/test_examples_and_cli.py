@@ -95,3 +95,20 @@ def test_peft_help_and_benchmark_smoke():
     assert set(rows) == {"mbridge", "mbridge_canonical", "hf_eager"}
     assert all(r.get("tokens_per_s", 0) > 0 for r in rows.values()), rows
     assert rows["mbridge_canonical"]["trainable"] == rows["hf_eager"]["trainable"]
+
+
+def test_convert_benchmark_smoke(tmp_path):
+    """The conversion benchmark at its tiny size, one round with the online path: every
+    phase gets a row and the export and online outputs equal the input tensor by tensor."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "benchmarks/convert.py", "--size", "tiny",
+                           "--workdir", str(tmp_path), "--rounds", "1", "--online", "yes"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| phase")]
+    assert rows == ["floor", "import", "export", "online"], proc.stdout
+    assert ("export and online output identical to the input (torch.equal, dtype, keys), "
+            "first round: True") in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # the benchmark removes what it wrote
