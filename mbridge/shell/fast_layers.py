@@ -238,19 +238,56 @@ def fast_local_spec(qk_layernorm: bool):
     return spec
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
+                        compiled: bool = False) -> torch.Tensor:
     """Per-token cross entropy ``[s, b]`` of logits ``[s, b, V]`` (any float dtype) against
-    labels ``[s, b]``, accumulated in float32. Under ``torch.compile`` the upcast, the
-    log-sum-exp and the gather fuse into one pass over the bf16 logits, and the backward
-    recomputes the softmax from them: no float32 copy of the ``[tokens, vocab]`` logits is
-    ever stored (Megatron-Core's local cross entropy keeps one, about 2 GiB per 4096 tokens
-    at a 128k vocabulary)."""
-    logits = logits.float()
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return torch.logsumexp(logits, dim=-1) - picked
+    labels ``[s, b]``, accumulated in float32, with a hand-written backward. Compiled
+    (``compiled=True``), the forward is one pass over the logits (upcast, log-sum-exp and
+    the gather fused) and so is the backward: ``softmax - one_hot`` recomputed from the
+    saved logits and log-sum-exp and written in the logits' dtype. No float32
+    ``[tokens, vocab]`` tensor is ever stored (Megatron-Core's local cross entropy keeps one,
+    about 2 GiB per 4096 tokens at a 128k vocabulary), and none is written: autograd's own
+    backward of the gather, compiled, scatters into a float32 zeros tensor of that size and
+    reads it back, two extra passes over the largest activation of the step."""
+    fwd, bwd = (_compiled_ce_parts() if compiled else (_ce_forward, _ce_backward))
+    return _TokenCrossEntropy.apply(logits, labels, fwd, bwd)
+
+
+def _ce_forward(logits, labels):
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    return lse - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1), lse
+
+
+def _ce_backward(logits, labels, lse, grad):
+    p = torch.exp(logits.float() - lse.unsqueeze(-1))
+    hit = torch.arange(logits.shape[-1], device=logits.device) == labels.unsqueeze(-1)
+    return (torch.where(hit, p - 1.0, p) * grad.unsqueeze(-1)).to(logits.dtype)
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, fwd, bwd):
+        loss, lse = fwd(logits, labels)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.bwd = bwd
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        return ctx.bwd(logits, labels, lse, grad.contiguous()), None, None, None
 
 
 _compiled_ce = None
+
+
+def _compiled_ce_parts():
+    global _compiled_ce
+    if _compiled_ce is None:
+        _compiled_ce = (torch.compile(_ce_forward, dynamic=False),
+                        torch.compile(_ce_backward, dynamic=False))
+    return _compiled_ce
 
 
 def compile_layers(model) -> None:
@@ -291,15 +328,13 @@ def use_fused_cross_entropy(model, compile_: bool = True) -> None:
     """Make a tensor-parallel-size-1 ``GPTModel`` compute its loss with
     ``token_cross_entropy`` (compiled unless ``compile_`` is False). Larger TP keeps
     Megatron-Core's vocab-parallel cross entropy, which needs its collectives."""
-    global _compiled_ce
     if model.config.tensor_model_parallel_size != 1:
         raise ValueError("the fused cross entropy needs tensor_model_parallel_size == 1")
-    if compile_ and _compiled_ce is None:
-        _compiled_ce = torch.compile(token_cross_entropy, dynamic=False)
-    fn = _compiled_ce if compile_ else token_cross_entropy
 
     def compute_language_model_loss(labels, logits):
-        return fn(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        loss = token_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
+                                   compiled=compile_)
+        return loss.transpose(0, 1).contiguous()
 
     model.compute_language_model_loss = compute_language_model_loss
 
