@@ -28,6 +28,9 @@ matmul rate measured in the same run. Variants:
                    into DDP's buffer in the GEMM (``stack_experts(...,
                    fuse_wgrad_accumulation=True)``: shell/wgrad.py's Triton kernel) instead
                    of autograd's gradient added by DDP's hook
+  mbridge_stacked_compile_fused_out  the same with the output layer's weight gradient
+                   added into DDP's buffer by its GEMM too (``fast_layers.fuse_output_wgrad``;
+                   what ``model.output_gradient_accumulation_fusion`` does in a run)
   hf_eager         transformers Qwen3MoeForCausalLM (sdpa), fp32 params + bf16 autocast,
                    torch.optim.AdamW(fused=True), clip_grad_norm_(1.0)
   hf_compile       the same model under torch.compile
@@ -110,7 +113,8 @@ def hf_variant(layers: int, mb: int, seq: int, compile_: bool, bf16: bool = Fals
 
 def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
                     fast: bool = False, compile_: bool = False, stacked: bool = False,
-                    micro_batches: int = 1, grad_fp32: bool = True, fuse_wgrad: bool = False):
+                    micro_batches: int = 1, grad_fp32: bool = True, fuse_wgrad: bool = False,
+                    fuse_output: bool = False):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -139,6 +143,10 @@ def mbridge_variant(layers: int, mb: int, seq: int, sequential: bool = False,
     from mbridge.shell.fast_layers import use_fused_cross_entropy
 
     use_fused_cross_entropy(model[0].module)
+    if fuse_output:
+        from mbridge.shell.fast_layers import fuse_output_wgrad
+
+        assert fuse_output_wgrad(model[0].module)
     if fast:
         from mbridge.shell.dispatch import use_sorted_dispatch
 
@@ -179,7 +187,9 @@ MBRIDGE = {"mbridge": {}, "mbridge_seq": dict(sequential=True), "mbridge_fast": 
            "mbridge_stacked": dict(fast=True, stacked=True),
            "mbridge_stacked_compile": dict(fast=True, stacked=True, compile_=True),
            "mbridge_stacked_compile_fused": dict(fast=True, stacked=True, compile_=True,
-                                                 fuse_wgrad=True)}
+                                                 fuse_wgrad=True),
+           "mbridge_stacked_compile_fused_out": dict(fast=True, stacked=True, compile_=True,
+                                                     fuse_wgrad=True, fuse_output=True)}
 HF = ("hf_eager", "hf_compile", "hf_bf16_eager", "hf_bf16_compile")
 
 

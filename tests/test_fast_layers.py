@@ -186,3 +186,68 @@ def test_packed_seq_params_bounds_the_longest_document_by_a_power_of_two():
         cu = torch.tensor(packing.cu_seqlens(lengths, t), dtype=torch.int32)
         params = packed_seq_params(cu, device=torch.device("cpu"))
         assert params.max_document == bound, (lengths, t, params.max_document)
+
+
+def _main_grads_after_two_micro_batches(model_dir, fuse: bool):
+    """DDP's gradient buffers after one optimizer step's two micro-batches (Megatron-Core's
+    schedule), the output layer's weight gradient fused into them or not."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mbridge import AutoBridge
+    from mbridge.shell.cpu_shim import cuda_as_cpu
+    from mbridge.shell.fast_layers import _WgradAccumulate, fuse_output_wgrad
+
+    provider = AutoBridge.from_hf_pretrained(model_dir).to_megatron_provider()
+    provider.finalize()
+    model = provider.provide_distributed_model(
+        wrap_with_ddp=True, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+    gpt = model[0].module
+    if fuse:
+        assert fuse_output_wgrad(gpt)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+
+    def forward_step(data_iterator, chunk):
+        out = chunk(ids, pos, attention_mask=None, labels=ids)
+        return out, lambda t: (t.float().mean(), {"loss": t.float().mean().detach()})
+
+    calls = _WgradAccumulate.calls
+    model[0].zero_grad_buffer()
+    with cuda_as_cpu():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=None, model=model,
+            num_microbatches=2, seq_length=16, micro_batch_size=2, forward_only=False)
+    assert gpt.output_layer.weight.grad_added_to_main_grad is fuse
+    assert _WgradAccumulate.calls - calls == (2 if fuse else 0)
+    return {n: p.main_grad.clone() for n, p in gpt.named_parameters()}
+
+
+def test_output_wgrad_fused_into_ddp_buffer_is_exact(tmp_path):
+    """``fuse_output_wgrad``: the output layer's weight gradient goes into DDP's buffer in
+    its backward, once a micro-batch (the stand-in for Apex's kernel; on CPU the same
+    product and add as unfused), and every buffer holds, bit for bit, what autograd and
+    DDP's hook put there unfused. A tied output layer is left alone."""
+    from models import make_hf
+
+    from mbridge import AutoBridge
+    from mbridge.shell import dist
+    from mbridge.shell.fast_layers import fuse_output_wgrad
+    from mbridge.specs import ParallelSpec
+
+    cpu_shim.apply()
+    dist.init(ParallelSpec())
+    make_hf("llama", tmp_path / "llama")
+    want = _main_grads_after_two_micro_batches(tmp_path / "llama", fuse=False)
+    got = _main_grads_after_two_micro_batches(tmp_path / "llama", fuse=True)
+    assert got.keys() == want.keys() and "output_layer.weight" in got
+    assert got["output_layer.weight"].abs().sum() > 0
+    assert all(torch.equal(got[k], want[k]) for k in want), \
+        [k for k in want if not torch.equal(got[k], want[k])]
+    make_hf("llama_tied_mqa", tmp_path / "tied")
+    provider = AutoBridge.from_hf_pretrained(tmp_path / "tied").to_megatron_provider()
+    provider.finalize()
+    tied = provider.provide_distributed_model(wrap_with_ddp=True)[0].module
+    assert fuse_output_wgrad(tied) is False
+    assert fuse_output_wgrad(provider.provide_distributed_model(wrap_with_ddp=False)[0]) \
+        is False  # no DDP, no buffer

@@ -339,6 +339,58 @@ def use_fused_cross_entropy(model, compile_: bool = True) -> None:
     model.compute_language_model_loss = compute_language_model_loss
 
 
+class _WgradAccumulate:
+    """Stand-in for Apex's ``fused_weight_gradient_mlp_cuda``, the module Megatron-Core's
+    linear calls under ``gradient_accumulation_fusion``: ``main_grad += grad_output.T @
+    input`` for 2-D ``input`` [T, in] and ``grad_output`` [T, out]. On CUDA one cuBLAS GEMM
+    with beta = 1 accumulates into the buffer (float32 through ``out_dtype``, as Apex's
+    kernel does); elsewhere the product in the inputs' dtype is added, which is what
+    autograd and DDP's hook do unfused, bit for bit."""
+
+    calls = 0  # for tests: how many weight gradients went into a buffer here
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(input, grad_output, main_grad):
+        _WgradAccumulate.calls += 1
+        if main_grad.is_cuda and input.dtype != torch.float32:
+            torch.addmm(main_grad, grad_output.t(), input, out_dtype=torch.float32,
+                        out=main_grad)
+        else:
+            main_grad.add_(grad_output.t().matmul(input))
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(input, grad_output, main_grad):
+        _WgradAccumulate.calls += 1
+        if main_grad.is_cuda and input.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), input)
+        else:
+            main_grad.add_(grad_output.t().matmul(input))
+
+
+def fuse_output_wgrad(model) -> bool:
+    """Add the output layer's weight gradient into DDP's buffer in its GEMM (Megatron-Core's
+    ``gradient_accumulation_fusion``, for that one linear) instead of autograd writing a
+    bf16 gradient that DDP's hook then reads and adds: at a 152k vocabulary and hidden 2048
+    that gradient is 311M elements a micro-batch. Without Apex, the GEMM is
+    ``_WgradAccumulate``'s. Applies to a DDP-wrapped ``GPTModel`` (its weights have
+    ``main_grad``) with a trainable output layer of its own; a tied one shares its weight
+    with the embedding, whose gradient DDP would then drop (the hook skips a parameter whose
+    gradient went to the buffer already), and is left alone. Returns whether it applied."""
+    from megatron.core.tensor_parallel import layers
+
+    out = getattr(model, "output_layer", None) if getattr(model, "post_process", False) \
+        else None
+    weight = getattr(out, "weight", None)
+    if out is None or weight is None or model.share_embeddings_and_output_weights \
+            or not weight.requires_grad or not hasattr(weight, "main_grad") \
+            or not hasattr(weight, "grad_added_to_main_grad"):
+        return False
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = _WgradAccumulate
+    out.gradient_accumulation_fusion = True
+    return True
+
+
 def thd_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Each token's position inside its document, ``[total]``, for a packed row whose
     documents end at ``cu_seqlens`` (covering all ``total`` tokens); computed where the

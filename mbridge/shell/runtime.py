@@ -156,17 +156,29 @@ class MegatronRuntime:
     def _speed_up(self, m) -> None:
         """The one-GPU fast path the run config asks for (benchmarks/train_throughput.py,
         benchmarks/moe_throughput.py)."""
-        from mbridge.shell.fast_layers import compile_layers, use_fused_cross_entropy
+        from mbridge.shell.fast_layers import (
+            compile_layers,
+            fuse_output_wgrad,
+            use_fused_cross_entropy,
+        )
 
         fused = m.compiled_cross_entropy
         if fused is None:
             fused = torch.cuda.is_available() and m.tensor_model_parallel_size == 1
+        fuse_out = m.output_gradient_accumulation_fusion
+        if fuse_out is None:
+            fuse_out = torch.cuda.is_available()
         for chunk in self.model:
             if m.moe_sorted_dispatch is not False:  # before compiling: the layers change
                 sorted_moe_dispatch(chunk, required=m.moe_sorted_dispatch is True)
             gpt = language_model(chunk.module)
             if fused and gpt.post_process:
                 use_fused_cross_entropy(gpt)
+            if fuse_out and gpt.post_process and not fuse_output_wgrad(gpt) \
+                    and m.output_gradient_accumulation_fusion:
+                raise ValueError("model.output_gradient_accumulation_fusion=true needs an "
+                                 "output layer of its own that is trained (this one is tied "
+                                 "to the embedding or frozen)")
             if m.compile_layers:
                 compile_layers(gpt)
 

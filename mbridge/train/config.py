@@ -55,8 +55,11 @@ class ModelConfig(Section, frozen=True, kw_only=True):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     # one-GPU speed (shell/fast_layers.py): the loss as one compiled pass over the logits
-    # (None: on with CUDA at TP=1), and each transformer layer under torch.compile
+    # (None: on with CUDA at TP=1), the output layer's weight gradient added into DDP's
+    # buffer by its GEMM (None: on with CUDA where the output layer is untied and trained),
+    # and each transformer layer under torch.compile
     compiled_cross_entropy: bool | None = None
+    output_gradient_accumulation_fusion: bool | None = None
     compile_layers: bool = False
     # mixture of experts at expert-parallel and expert-TP size 1 (README, One GPU): the
     # static-shape token dispatcher (None: in every MoE layer it serves), each layer's

@@ -101,3 +101,28 @@ def test_fused_main_grads_equal_hook_add():
         want, got = hooked[n].double(), fused[n].double()
         assert want.abs().max() > 0
         assert ((got - want).abs() <= 2**-8 * want.abs() + 1e-6 * want.abs().max()).all(), n
+
+
+@pytest.mark.parametrize("buffer", [torch.float32, torch.bfloat16])
+def test_dense_wgrad_accumulate_on_cuda(buffer):
+    """The stand-in for Apex's ``fused_weight_gradient_mlp_cuda``
+    (``fast_layers._WgradAccumulate``, the output layer's fused weight gradient): one
+    cuBLAS GEMM with beta = 1 into the buffer, against float64 truth, an fp32 buffer within
+    1e-5 of the result's largest magnitude, a bf16 one within one bf16 rounding of each
+    element plus 1e-5 of the largest; a transposed product (the wrong layout) exceeds it."""
+    from mbridge.shell.fast_layers import _WgradAccumulate
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 384, device="cuda", generator=g).bfloat16()
+    grad = torch.randn(4096, 320, device="cuda", generator=g).bfloat16()
+    main = torch.randn(320, 384, device="cuda", generator=g).to(buffer)
+    want = main.double() + grad.double().T @ x.double()
+    ptr = main.data_ptr()
+    (_WgradAccumulate.wgrad_gemm_accum_fp32 if buffer == torch.float32
+     else _WgradAccumulate.wgrad_gemm_accum_fp16)(x, grad, main)
+    assert main.data_ptr() == ptr and main.dtype == buffer  # in place
+    err = (main.double() - want).abs()
+    bound = 1e-5 * want.abs().max() + (want.abs() * 2**-8 if buffer == torch.bfloat16 else 0)
+    assert (err <= bound).all(), err.max().item()
+    wrong = want - grad.double().T @ x.double() + (grad.double().T @ x.double()).flip(0)
+    assert not ((wrong - want).abs() <= bound).all()

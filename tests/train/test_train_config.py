@@ -257,3 +257,35 @@ def test_peft_recipe_builds_adapters_only(tmp_path):
     assert sites == {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
     held = sum(p.numel() for g in runtime.optimizer.param_groups for p in g["params"])
     assert held == sum(p.numel() for _, p in trainable) < sum(p.numel() for _, p in params)
+
+
+def test_output_gradient_accumulation_fusion_applies_or_says_why():
+    """``model.output_gradient_accumulation_fusion=true`` makes the untied output layer of
+    ``tiny_llama_pretrain`` add its weight gradient into DDP's buffer in its GEMM
+    (``fast_layers.fuse_output_wgrad``); on a frozen output layer (the PEFT recipe's base) it
+    stops with the reason, where the default (None) leaves it unfused off CUDA."""
+    from mbridge.shell import dist
+    from mbridge.shell.runtime import MegatronRuntime
+    from mbridge.train.config import adapter_spec
+
+    def runtime(cfg, *overrides):
+        cfg = apply_overrides(cfg, overrides)
+        plan = plan_run(cfg, recipes.TINY_LLAMA, 1)
+        groups = dist.init(plan.parallel, seed=cfg.rng.seed)
+        return MegatronRuntime(recipes.TINY_LLAMA, plan, groups, model=cfg.model,
+                               optimizer=cfg.optimizer, ddp=cfg.parallel,
+                               mixed_precision=cfg.mixed_precision,
+                               micro_batch_size=cfg.train.micro_batch_size,
+                               peft=adapter_spec(cfg.peft) if cfg.peft else None,
+                               seed=cfg.rng.seed)
+
+    def fused(rt):
+        return rt.model[0].module.output_layer.gradient_accumulation_fusion
+
+    on = "model.output_gradient_accumulation_fusion=true"
+    assert fused(runtime(recipes.tiny_llama_pretrain(), on)) is True
+    assert fused(runtime(recipes.tiny_llama_pretrain())) is False  # CPU: the default leaves it
+    peft = recipes.tiny_llama_peft(pretrained_checkpoint="/ckpt", dataset_root="/data")
+    with pytest.raises(ValueError, match="output_gradient_accumulation_fusion=true needs an "
+                                         "output layer of its own that is trained"):
+        runtime(peft, on)

@@ -102,13 +102,15 @@ def test_mixed_precision(runs):
 
 
 def test_one_gpu_fast_path_matches(runs):
-    """The compiled cross entropy and torch.compile'd layers (the one-GPU fast path of
-    benchmarks/train_throughput.py) train as the reference does: fp32, only the fusion order
+    """The compiled cross entropy, the output layer's fused weight gradient and
+    torch.compile'd layers (the one-GPU fast path of benchmarks/train_throughput.py) train
+    as the reference does: fp32, only the fusion order
     differs (measured: 3e-8 relative over 10 steps). Its own launch: torch.compile needs a
     C compiler on CPU, and a failure here should not take the other runs with it."""
     work, _, out = runs
     fast = torchrun(SCRIPT, str(work), str(work / "hf"),
-                    f"fast:{VOCAB};model.compiled_cross_entropy=true;model.compile_layers=true",
+                    f"fast:{VOCAB};model.compiled_cross_entropy=true;model.compile_layers=true;"
+                    "model.output_gradient_accumulation_fusion=true",
                     nproc=1)
     assert fast[0]["losses"] == pytest.approx(out["tp1"][0]["losses"], rel=RTOL)
 
