@@ -14,7 +14,11 @@ experts, top-2) on real Megatron-Core (CPU, gloo) against Hugging Face peft (``p
 - six LoRA steps at EP=1 and EP=2 change only the adapters and agree.
 
 Tolerances: logits 1e-5 max abs (fp32 summation order, tests/adapters/test_peft.py);
-gradients 1e-5 of the largest gradient (measured about 1e-6).
+merged logits against unmerged 1e-5 of the largest logit where that exceeds 1 (the merge
+rounds every weight once more in fp32, and DoRA's rescaling by the column norms with it: a
+relative error; measured 2026-12-07, transformers 5.25, peft 0.21.2: DoRA 9.9e-6 at EP=2 and
+1.09e-5 at expert-TP=2 absolute, largest logit 1.65; LoRA at most 3.2e-6); gradients 1e-5 of
+the largest gradient (measured about 1e-6).
 """
 
 from __future__ import annotations
@@ -171,7 +175,8 @@ def test_two_ranks_match_peft(two_ranks):
         if case.startswith("grads"):
             continue
         for r in ranks:
-            assert r["loaded"] < TOL and r["merged"] < TOL and r["exact"], (case, r)
+            assert r["loaded"] < TOL and r["exact"], (case, r)
+            assert r["merged"] < TOL * max(1.0, r["scale"]), (case, r)
             if "fresh" in r:
                 assert r["fresh"] < TOL, (case, r)
 

@@ -106,23 +106,30 @@ def test_fused_main_grads_equal_hook_add():
 @pytest.mark.parametrize("buffer", [torch.float32, torch.bfloat16])
 def test_dense_wgrad_accumulate_on_cuda(buffer):
     """The stand-in for Apex's ``fused_weight_gradient_mlp_cuda``
-    (``fast_layers._WgradAccumulate``, the output layer's fused weight gradient): one
-    cuBLAS GEMM with beta = 1 into the buffer, against float64 truth, an fp32 buffer within
-    1e-5 of the result's largest magnitude, a bf16 one within one bf16 rounding of each
-    element plus 1e-5 of the largest; a transposed product (the wrong layout) exceeds it."""
+    (``fast_layers._WgradAccumulate``, the output layer's fused weight gradient), in place:
+    into an fp32 buffer one cuBLAS GEMM with beta = 1, within 1e-5 of the result's largest
+    magnitude of float64 truth; into a bf16 buffer ``addmm_``, which rounds as the unfused
+    path does (the product to bf16, then the add: measured on an H100, 2026-12-07, the same
+    largest error, 0.85 relative where the buffer cancels the product), so it is held to
+    within one bf16 rounding of that path. A transposed product exceeds either bound."""
     from mbridge.shell.fast_layers import _WgradAccumulate
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4096, 384, device="cuda", generator=g).bfloat16()
     grad = torch.randn(4096, 320, device="cuda", generator=g).bfloat16()
     main = torch.randn(320, 384, device="cuda", generator=g).to(buffer)
-    want = main.double() + grad.double().T @ x.double()
+    product = grad.double().T @ x.double()
+    if buffer == torch.float32:
+        want = main.double() + product
+        bound = 1e-5 * want.abs().max()
+    else:
+        want = (main + grad.t() @ x).double()  # autograd's gradient added by DDP's hook
+        bound = 1e-5 * want.abs().max() + want.abs() * 2**-8
     ptr = main.data_ptr()
     (_WgradAccumulate.wgrad_gemm_accum_fp32 if buffer == torch.float32
      else _WgradAccumulate.wgrad_gemm_accum_fp16)(x, grad, main)
     assert main.data_ptr() == ptr and main.dtype == buffer  # in place
     err = (main.double() - want).abs()
-    bound = 1e-5 * want.abs().max() + (want.abs() * 2**-8 if buffer == torch.bfloat16 else 0)
     assert (err <= bound).all(), err.max().item()
-    wrong = want - grad.double().T @ x.double() + (grad.double().T @ x.double()).flip(0)
+    wrong = want - product + product.flip(0)
     assert not ((wrong - want).abs() <= bound).all()

@@ -66,6 +66,7 @@ def check(case: dict, out: Path) -> dict:
     model = bridge.load_hf_adapter(model, adapter)
     got = logits()
     result["loaded"] = diff(got, unfused_peft_logits(base, adapter, ids))
+    result["scale"] = got.abs().max().item()
     bridge.save_hf_adapter(model, out / f"{case['tag']}-export")
     result["exact"] = same_files(adapter, out / f"{case['tag']}-export")
     with adapters.merged(model):
