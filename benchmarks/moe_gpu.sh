@@ -13,7 +13,7 @@ py=${PYTHON:-python3}
 step() {  # step NAME SECONDS CMD...: run, log to $out/NAME.log
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee "$out/$name.log" | tail -40
+  timeout "$limit" "$@" 2>&1 | grep -v -E 'Warning: |warnings\.warn\(' | tee "$out/$name.log" | tail -40
 }
 if has checks; then
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -48,9 +48,13 @@ if has fused; then  # the experts' weight gradients added into DDP's buffer by a
 step wgrad_tests "${T_WGRAD:-150}" $py -m pytest -q -p no:cacheprovider tests/gpu/test_wgrad_gpu.py \
   "tests/gpu/test_moe_gpu.py::test_training_loss_falls"
 step wgrad_kernel "${T_WGRADK:-90}" $py benchmarks/grouped_wgrad.py
+step cross_entropy "${T_CE:-60}" $py benchmarks/cross_entropy.py
 step moe_fused "${T_FUSED:-400}" $py $mt --variants \
-  hf_bf16_compile,mbridge_stacked_compile,mbridge_stacked_compile_fused --layers 4 \
-  --micro-batches 4 --steps 4 --warmup 2
+  hf_bf16_compile,mbridge_stacked_compile,mbridge_stacked_compile_fused,mbridge_stacked_compile_fused_out \
+  --layers 4 --micro-batches 4 --steps 4 --warmup 2
+step moe_fused_bf16 "${T_FUSEDB:-200}" $py $mt --variants \
+  hf_bf16_compile,mbridge_stacked_compile_fused_out --layers 4 --micro-batches 4 --steps 4 \
+  --warmup 2 --bf16-grads
 fi
 if has more; then
 step moe_seq "${T_SEQ:-60}" $py $mt --variants mbridge_seq --layers 4 --steps 2 --warmup 1

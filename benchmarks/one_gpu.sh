@@ -14,7 +14,7 @@ $py -c "import torch, transformers, megatron.core as m; print('torch', torch.__v
 step() {  # step NAME SECONDS CMD...: run, log to $out/NAME.log
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee "$out/$name.log"
+  timeout "$limit" "$@" 2>&1 | grep -v -E 'Warning: |warnings\.warn\(' | tee "$out/$name.log"
 }
 tp=benchmarks/train_throughput.py
 step train_eager "${T_EAGER:-200}" $py $tp --variants mbridge_ce,hf_eager \
