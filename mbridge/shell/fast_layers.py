@@ -348,15 +348,22 @@ class _WgradAccumulate:
     autograd and DDP's hook do unfused, bit for bit."""
 
     calls = 0  # for tests: how many weight gradients went into a buffer here
+    fp32_out = True  # False once this torch refused a bf16/fp16 GEMM into float32
 
     @staticmethod
     def wgrad_gemm_accum_fp32(input, grad_output, main_grad):
         _WgradAccumulate.calls += 1
-        if main_grad.is_cuda and input.dtype != torch.float32:
-            torch.addmm(main_grad, grad_output.t(), input, out_dtype=torch.float32,
-                        out=main_grad)
-        else:
-            main_grad.add_(grad_output.t().matmul(input))
+        if main_grad.is_cuda and input.dtype != torch.float32 and _WgradAccumulate.fp32_out:
+            try:
+                torch.addmm(main_grad, grad_output.t(), input, out_dtype=torch.float32,
+                            out=main_grad)
+                return
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError, NotImplementedError):
+                # torch before 2.8 has no out_dtype: refused before anything is written
+                _WgradAccumulate.fp32_out = False
+        main_grad.add_(grad_output.t().matmul(input))
 
     @staticmethod
     def wgrad_gemm_accum_fp16(input, grad_output, main_grad):
