@@ -16,9 +16,11 @@ experts, top-2) on real Megatron-Core (CPU, gloo) against Hugging Face peft (``p
 Tolerances: logits 1e-5 max abs (fp32 summation order, tests/adapters/test_peft.py);
 merged logits against unmerged 1e-5 of the largest logit where that exceeds 1 (the merge
 rounds every weight once more in fp32, and DoRA's rescaling by the column norms with it: a
-relative error; measured 2026-12-07, transformers 5.25, peft 0.21.2: DoRA 9.9e-6 at EP=2 and
-1.09e-5 at expert-TP=2 absolute, largest logit 1.65; LoRA at most 3.2e-6); gradients 1e-5 of
-the largest gradient (measured about 1e-6).
+relative error; measured 2026-12-07, transformers 5.25, peft 0.21.2: DoRA 9.9e-6 at EP=2,
+1.09e-5 at expert-TP=2 and 1.22e-5 at EP=2 x expert-TP=2 absolute, largest logit 1.65; LoRA
+at most 3.2e-6; 76a25b0, green in the 12-04 CI, fails the same way in this environment, so
+the dependencies moved, not the code); gradients 1e-5 of the largest gradient (measured
+about 1e-6).
 """
 
 from __future__ import annotations
@@ -254,5 +256,6 @@ def test_four_ranks_ep2_etp2(cases, tmp_path):
         if r["case"].startswith("grads"):
             assert r["same_keys"] and r["expert_keys"] > 0 and r["worst"] < TOL, r
         else:
-            assert r["fresh"] < TOL and r["loaded"] < TOL and r["merged"] < TOL, r
+            assert r["fresh"] < TOL and r["loaded"] < TOL, r
+            assert r["merged"] < TOL * max(1.0, r["scale"]), r
             assert r["exact"], r
