@@ -85,12 +85,17 @@ class _Stop(BaseException):
 
 class _Signals:
     """Turns the first SIGTERM or SIGINT into ``_Stop`` and remembers it; later ones are
-    ignored, so the cleanup the first started is not cut short."""
+    ignored, so the cleanup the first started is not cut short. ``restore()`` puts back the
+    handlers found, so a caller in the same process (a script, a test run) keeps its own."""
 
     def __init__(self):
         self.signum: int | None = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle)
+                         for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, _frame):
         self.signum = signum
@@ -121,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"mbridge convert {args.action}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signals.restore()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -254,7 +254,11 @@ def run_row(row: Row, argv: list[str], work: Path, capsys) -> tuple[int, str]:
 def check_row(row: Row, work: Path, capsys) -> None:
     argv = row.make(work)
     before = tree(work)
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
     code, err = run_row(row, argv, work, capsys)
+    # a command run in this process hands the signals back as it found them (a CI
+    # timeout's SIGTERM once surfaced as the converter's stop inside an unrelated test)
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers
     assert code == row.code, err[-3000:]
     assert row.message in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
