@@ -71,10 +71,11 @@ def test_readme_command_trains_and_resumes_when_run_again(command):
     small = ["model.seq_length=32", "train.global_batch_size=4", "train.eval_iters=1",
              "scheduler.lr_warmup_iters=1", "checkpoint.save_interval=2",
              "logging.tensorboard=false", "logging.progress_bar=false", "logging.log_interval=1"]
-    train_cli(*args, *small, "train.train_iters=4", nproc=2, cwd=work)
+    train_cli(*args, *small, "train.train_iters=4", nproc=2, cwd=work, fresh=True)
     out = work / "runs" / "llama32_1b_pretrain"
     assert [s for s, _ in logged_losses(out)] == [1, 2, 3, 4]
     assert (work / "ckpt" / "iter_0000004").is_dir()
-    again = train_cli(*args, *small, "train.train_iters=6", nproc=2, cwd=work)
+    again = train_cli(*args, *small, "train.train_iters=6", nproc=2, cwd=work,
+                      fresh=True)
     assert f"resumed from {work / 'ckpt' / 'iter_0000004'} at step 4" in again.stdout
     assert [s for s, _ in logged_losses(out)] == [1, 2, 3, 4, 5, 6]

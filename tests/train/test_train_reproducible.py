@@ -8,6 +8,9 @@ is its own process, launched as a user would (``python -m mbridge.train`` for on
   straight run launched separately, bit for bit;
 - data-parallel replicas start (and, with lr 0, stay) with identical weights, and a second
   launch builds the same weights.
+
+Every launch here is a new interpreter (``fresh=True``): ranks forked from the test server
+share its hash seed and start-up, which could hide what differs between two launches.
 """
 
 from pathlib import Path
@@ -25,7 +28,7 @@ QUICK = ["train.train_iters=6", "logging.log_interval=1", "train.eval_iters=0",
 def run(tmp_path: Path, name: str, *overrides: str, nproc: int = 1) -> list:
     out = tmp_path / name
     train_cli("--recipe", "tiny_llama_pretrain", *QUICK, f"logging.output_dir={out}",
-              *overrides, nproc=nproc, cwd=tmp_path)
+              *overrides, nproc=nproc, cwd=tmp_path, fresh=True)
     return logged_losses(out)
 
 
@@ -55,7 +58,7 @@ def test_data_parallel_replicas_start_identical(tmp_path):
             "optimizer.min_lr=0.0",
             "optimizer.use_distributed_optimizer=false", "logging.tensorboard=false",
             "logging.progress_bar=false", "train.eval_iters=0"]
-    first = torchrun(SCRIPT, *args, f"logging.output_dir={tmp_path}/a")
-    second = torchrun(SCRIPT, *args, f"logging.output_dir={tmp_path}/b")
+    first = torchrun(SCRIPT, *args, f"logging.output_dir={tmp_path}/a", fresh=True)
+    second = torchrun(SCRIPT, *args, f"logging.output_dir={tmp_path}/b", fresh=True)
     assert len(first) == 2 and first[0]["digest"] == first[1]["digest"]  # DP=2 replicas
     assert [r["digest"] for r in second] == [r["digest"] for r in first]  # and every launch
